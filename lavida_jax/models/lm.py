@@ -1,0 +1,127 @@
+"""The bidirectional diffusion language model: LLaDA-8B and Dream-7B (SPEC §3.3-3.5).
+
+One transformer parameterised by `LMConfig`: LLaDA is LLaMA-shaped with full
+multi-head attention; Dream is Qwen2-shaped (GQA, q/k/v biases) and its logit
+at position i predicts token i + 1 (`shifted_logits`). Attention is always
+bidirectional; the only mask is an optional key-padding mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from flax import nnx
+
+from lavida_jax.models import layers
+
+LM_AXES = {"embed": "embed", "q_heads": "q_heads", "kv_heads": "kv_heads",
+           "head_dim": "head_dim"}
+
+
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+  family: str  # "llada" | "dream"
+  vocab_size: int  # LM head width
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  norm_eps: float
+  qkv_bias: bool
+  shifted_logits: bool
+  mask_id: int
+  eos_id: int
+  embed_vocab_size: int | None = None  # input embedding rows, if != vocab_size
+  remat: str = "none"
+  attention_impl: str | None = None
+
+  @property
+  def n_embed(self) -> int:
+    return self.embed_vocab_size or self.vocab_size
+
+  @classmethod
+  def llada_8b(cls, **kw) -> "LMConfig":
+    return cls(**{**dict(family="llada", vocab_size=126464, d_model=4096, n_layers=32,
+                         n_heads=32, n_kv_heads=32, head_dim=128, mlp_dim=12288,
+                         rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
+                         shifted_logits=False, mask_id=126336, eos_id=126081), **kw})
+
+  @classmethod
+  def dream_7b(cls, **kw) -> "LMConfig":
+    return cls(**{**dict(family="dream", vocab_size=152064, d_model=3584, n_layers=28,
+                         n_heads=28, n_kv_heads=4, head_dim=128, mlp_dim=18944,
+                         rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
+                         shifted_logits=True, mask_id=151666, eos_id=151643), **kw})
+
+  @classmethod
+  def tiny_llada(cls, **kw) -> "LMConfig":
+    """LLaDA structure (MHA, no biases), tiny sizes; ids fit the tiny vocab."""
+    return cls.llada_8b(**{**dict(vocab_size=256, d_model=64, n_layers=2, n_heads=4,
+                                  n_kv_heads=4, head_dim=16, mlp_dim=128, mask_id=255,
+                                  eos_id=254), **kw})
+
+  @classmethod
+  def tiny_dream(cls, **kw) -> "LMConfig":
+    """Dream structure (GQA 7:1 like 28/4, q/k/v biases), tiny sizes."""
+    return cls.dream_7b(**{**dict(vocab_size=256, d_model=112, n_layers=2, n_heads=7,
+                                  n_kv_heads=1, head_dim=16, mlp_dim=128, mask_id=255,
+                                  eos_id=254), **kw})
+
+
+class Block(nnx.Module):
+  def __init__(self, cfg: LMConfig, *, rngs, param_dtype, dtype):
+    kw = dict(rngs=rngs, param_dtype=param_dtype)
+    self.attn_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, "embed", **kw)
+    self.attn = layers.Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                 qkv_bias=cfg.qkv_bias, out_bias=False, axes=LM_AXES,
+                                 dtype=dtype, implementation=cfg.attention_impl, **kw)
+    self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, "embed", **kw)
+    self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, **kw)
+
+  def __call__(self, x_BTD, mask_BTS, rope):
+    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), mask_BTS, rope)
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+
+
+class DiffusionLM(nnx.Module):
+  def __init__(self, cfg: LMConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32,
+               dtype=jnp.float32):
+    self.cfg, self.dtype = cfg, dtype
+    self.embed = layers.param(rngs, layers.normal(0.02), (cfg.n_embed, cfg.d_model),
+                              ("vocab", "embed"), param_dtype)
+    self.blocks = layers.stack_layers(
+        lambda r: Block(cfg, rngs=r, param_dtype=param_dtype, dtype=dtype),
+        cfg.n_layers, rngs)
+    self.final_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, "embed", rngs=rngs,
+                                     param_dtype=param_dtype)
+    self.head = layers.Linear((cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"),
+                              bias=False, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+
+  def embed_tokens(self, ids_BT):
+    """ids: [B, T] int -> [B, T, D]."""
+    return self.embed[...].astype(self.dtype)[ids_BT]
+
+  def hidden(self, x_BTD, valid_BT=None, positions_BT=None):
+    """Embeddings -> final-normed hidden states [B, T, D].
+
+    valid_BT: bool key-padding mask (None: every position is a key).
+    positions_BT: RoPE positions (default 0..T-1).
+    """
+    b, t, _ = x_BTD.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
+    rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
+    mask_BTS = None if valid_BT is None else jnp.broadcast_to(valid_BT[:, None, :], (b, t, t))
+    x = layers.scan_layers(self.blocks, x_BTD.astype(self.dtype), mask_BTS, rope,
+                           remat=self.cfg.remat)
+    return self.final_norm(x)
+
+  def logits_from_hidden(self, h_BTD):
+    return self.head(h_BTD)
+
+  def __call__(self, ids_BT, valid_BT=None):
+    """ids: [B, T] -> logits [B, T, V] (bidirectional)."""
+    return self.logits_from_hidden(self.hidden(self.embed_tokens(ids_BT), valid_BT))
