@@ -69,5 +69,5 @@ def test_reference_compat_attends_to_padding(reference_checkpoint):
   ours = np.asarray(compat.logits(ids, images))
   x, _ = compat.embed_multimodal(ids, images)
   import torch
-  expected = ref.logits_from_embeds(torch.from_numpy(np.asarray(x)))
+  expected = ref.logits_from_embeds(torch.from_numpy(np.array(x)))
   assert_close(ours, expected.numpy())

@@ -55,3 +55,16 @@ def test_init_is_created_sharded():
   assert embed.addressable_shards[0].data.shape == (128, 16)
   same = LaViDa(cfg, rngs=nnx.Rngs(0))
   np.testing.assert_allclose(np.asarray(embed), np.asarray(same.lm.embed[...]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["lavida-llada", "lavida-dream", "llada-v"])
+def test_every_parameter_has_logical_axis_names(family):
+  cfg = LaViDaConfig.create(family, "tiny")
+  state = nnx.state(nnx.eval_shape(lambda: LaViDa(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  known = {name for name, _ in sharding.DEFAULT_RULES}
+  for path, var in nnx.to_flat_state(state):
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == len(var.shape), path
+    assert set(names) - {None} <= known, (path, names)
+    stacked = "blocks" in path
+    assert (names[0] == "layers") == stacked, (path, names)
