@@ -44,3 +44,32 @@ def test_key_padding_mask_equals_unpadded_rows(loaded, family):
   # Without the mask the padding leaks into the real tokens (what reference_compat keeps).
   leak = np.asarray(model.text_logits(padded))[:, :7]
   assert np.abs(leak - out).max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["lavida-llada", "lavida-dream"])
+def test_prefix_cache_equals_prefix_dlm_attention(loaded, family):
+  """Prefill + canvas-only steps == one forward whose prefix rows cannot see the
+  canvas (a 4-D additive mask in transformers); padded prefixes in a batch too."""
+  import jax.numpy as jnp
+  import torch
+
+  ref, model = loaded(family)
+  lm = model.lm
+  rng = np.random.default_rng(3)
+  prefix = rng.integers(0, 200, (2, 9))
+  lengths = [9, 6]  # row 1: a 6-token prompt padded to the 9-token bucket
+  valid = np.arange(9)[None] < np.array(lengths)[:, None]
+  canvas = rng.integers(0, 200, (2, 5))
+  cache = lm.prefill(lm.embed_tokens(jnp.asarray(prefix)), jnp.asarray(valid))
+  ours = np.asarray(lm.logits_from_hidden(
+      lm.hidden_with_cache(lm.embed_tokens(jnp.asarray(canvas)), cache)))
+  emb = ref.lm.get_input_embeddings()
+  for b, n in enumerate(lengths):
+    seq = np.concatenate([prefix[b, :n], canvas[b]])
+    t = len(seq)
+    allowed = (np.arange(t)[None, :] < n) | (np.arange(t)[:, None] >= n)
+    additive = torch.from_numpy(np.where(allowed, 0.0, -1e30).astype(np.float32))[None, None]
+    with torch.no_grad():
+      expected = ref.lm(inputs_embeds=emb(torch.from_numpy(seq))[None],
+                        attention_mask=additive).logits[0, n:].numpy()
+    assert_close(ours[b], expected)

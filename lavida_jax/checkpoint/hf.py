@@ -227,8 +227,7 @@ def load_hf(folder: str, dtype="float32", mesh=None, rules=sharding_lib.DEFAULT_
   with Checkpoint(folder) as ckpt:
     cfg = config_from_hf(raw, ckpt, where=folder, **config_overrides)
     graphdef, abstract = nnx.split(nnx.eval_shape(
-        lambda: LaViDa(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=jnp.float32
-                       if dtype == jnp.float32 else dtype)))
+        lambda: LaViDa(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype)))
     if mesh is not None:
       shardings = sharding_lib.state_shardings(abstract, mesh, rules)
       target = {"/".join(map(str, p)): v.get_value()

@@ -129,12 +129,21 @@ class Attention(nnx.Module):
                     param_dtype=param_dtype, dtype=dtype)
     self.implementation = implementation
 
-  def __call__(self, x_BTD, mask_BTS=None, rope=None):
+  def __call__(self, x_BTD, mask_BTS=None, rope=None, prefix_kv=None):
+    """-> (out [B, T, D], (k, v) [B, T, K, H] of x's own positions, post-RoPE).
+
+    prefix_kv: cached (k, v) [B, P, K, H] of earlier positions; queries attend to
+    the prefix keys first, then their own (mask_BTS is then [B, T, P + T]).
+    """
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = dot_product_attention(q, k, v, mask_BTS, self.implementation)
-    return self.o(out)
+    keys, values = k, v
+    if prefix_kv is not None:
+      keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
+      values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
+    out = dot_product_attention(q, keys, values, mask_BTS, self.implementation)
+    return self.o(out), (k, v)
 
 
 class MLP(nnx.Module):
@@ -191,16 +200,20 @@ def stack_layers(make_block: Callable[[nnx.Rngs], nnx.Module], n: int,
   return make(rngs)
 
 
-def scan_layers(blocks: nnx.Module, x, *args, remat: str = "none"):
-  """Runs x through stacked blocks with one compiled body: block(x, *args) -> x."""
+def scan_layers(blocks: nnx.Module, x, *args, xs=None, remat: str = "none"):
+  """Runs x through stacked blocks with one compiled body.
 
-  def body(x, block):
-    return block(x, *args)
-
-  if REMAT_POLICIES.get(remat, "?") == "?":
+  block(x, *args[, xs_l]) -> (x, y_l): xs (optional) is sliced per layer along
+  axis 0, and the y_l are stacked on axis 0. Returns (x, ys).
+  """
+  if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT_POLICIES)}")
+
+  def body(x, block, xs_l):
+    return block(x, *args) if xs_l is None else block(x, *args, xs_l)
+
   if remat != "none":
     body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  scan = nnx.scan(body, in_axes=(nnx.Carry, 0), out_axes=nnx.Carry,
+  scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
                   transform_metadata={nnx.PARTITION_NAME: "layers"})
-  return scan(x, blocks)
+  return scan(x, blocks, xs)

@@ -8,7 +8,9 @@ bidirectional; the only mask is an optional key-padding mask.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -81,9 +83,22 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, "embed", **kw)
     self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, **kw)
 
-  def __call__(self, x_BTD, mask_BTS, rope):
-    x_BTD = x_BTD + self.attn(self.attn_norm(x_BTD), mask_BTS, rope)
-    return x_BTD + self.mlp(self.mlp_norm(x_BTD))
+  def __call__(self, x_BTD, mask_BTS, rope, collect_kv=False, prefix_kv=None):
+    h, kv = self.attn(self.attn_norm(x_BTD), mask_BTS, rope, prefix_kv)
+    x_BTD = x_BTD + h
+    return x_BTD + self.mlp(self.mlp_norm(x_BTD)), (kv if collect_kv else None)
+
+
+class KVCache(NamedTuple):
+  """Prefix keys/values of every layer (post-RoPE) for Prefix-DLM decoding (SPEC §7.3).
+
+  k, v: [L, B, P, K, H]; valid: [B, P] real (not padding) prefix positions;
+  length: [B] number of real prefix tokens (the canvas starts at this position).
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  length: jax.Array
 
 
 class DiffusionLM(nnx.Module):
@@ -104,20 +119,51 @@ class DiffusionLM(nnx.Module):
     """ids: [B, T] int -> [B, T, D]."""
     return self.embed[...].astype(self.dtype)[ids_BT]
 
-  def hidden(self, x_BTD, valid_BT=None, positions_BT=None):
+  def hidden(self, x_BTD, valid_BT=None, positions_BT=None, mask_BTS=None):
     """Embeddings -> final-normed hidden states [B, T, D].
 
     valid_BT: bool key-padding mask (None: every position is a key).
     positions_BT: RoPE positions (default 0..T-1).
+    mask_BTS: a full attention mask instead (e.g. Prefix-DLM's); overrides valid_BT.
     """
+    h, _ = self._blocks(x_BTD, positions_BT, self._mask(x_BTD, valid_BT, mask_BTS))
+    return self.final_norm(h)
+
+  def prefill(self, x_BPD, valid_BP=None) -> KVCache:
+    """Runs the prefix alone (it never sees the canvas) and keeps every layer's K/V."""
+    b, p, _ = x_BPD.shape
+    valid = jnp.ones((b, p), bool) if valid_BP is None else valid_BP
+    # Real tokens take positions 0..n-1 even when the bucket pads the prefix.
+    positions = jnp.cumsum(valid, axis=1) - 1
+    _, (k, v) = self._blocks(x_BPD, positions, self._mask(x_BPD, valid, None), collect_kv=True)
+    return KVCache(k, v, valid, valid.sum(axis=1))
+
+  def hidden_with_cache(self, x_BLD, cache: KVCache):
+    """Canvas embeddings [B, L, D] -> hidden [B, L, D], attending to prefix + canvas.
+
+    The canvas sits at positions length..length+L-1 and sees every real prefix
+    key and every canvas key; the cache is read, never updated.
+    """
+    b, l, _ = x_BLD.shape
+    positions = cache.length[:, None] + jnp.arange(l)[None, :]
+    mask = jnp.concatenate([jnp.broadcast_to(cache.valid[:, None, :], (b, l, cache.valid.shape[1])),
+                            jnp.ones((b, l, l), bool)], axis=2)
+    h, _ = self._blocks(x_BLD, positions, mask, prefix_kv=(cache.k, cache.v))
+    return self.final_norm(h)
+
+  def _mask(self, x_BTD, valid_BT, mask_BTS):
+    if mask_BTS is not None or valid_BT is None:
+      return mask_BTS
+    b, t, _ = x_BTD.shape
+    return jnp.broadcast_to(valid_BT[:, None, :], (b, t, t))
+
+  def _blocks(self, x_BTD, positions_BT, mask_BTS, collect_kv=False, prefix_kv=None):
     b, t, _ = x_BTD.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
-    mask_BTS = None if valid_BT is None else jnp.broadcast_to(valid_BT[:, None, :], (b, t, t))
-    x = layers.scan_layers(self.blocks, x_BTD.astype(self.dtype), mask_BTS, rope,
-                           remat=self.cfg.remat)
-    return self.final_norm(x)
+    return layers.scan_layers(self.blocks, x_BTD.astype(self.dtype), mask_BTS, rope,
+                              collect_kv, xs=prefix_kv, remat=self.cfg.remat)
 
   def logits_from_hidden(self, h_BTD):
     return self.head(h_BTD)

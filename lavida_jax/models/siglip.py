@@ -59,8 +59,8 @@ class EncoderBlock(nnx.Module):
                           ("vision_embed", "vision_mlp", "vision_embed"), dtype=dtype, **kw)
 
   def __call__(self, x_BTD):
-    x_BTD = x_BTD + self.attn(self.norm1(x_BTD))
-    return x_BTD + self.mlp(self.norm2(x_BTD))
+    x_BTD = x_BTD + self.attn(self.norm1(x_BTD))[0]
+    return x_BTD + self.mlp(self.norm2(x_BTD)), None
 
 
 class SiglipVisionTower(nnx.Module):
@@ -91,4 +91,4 @@ class SiglipVisionTower(nnx.Module):
     x = pixels_NHWC[:, :g * p, :g * p, :].astype(self.dtype)
     x = x.reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, p, p, 3)
     x = self.patch(x) + self.pos_embed[...].astype(self.dtype)
-    return layers.scan_layers(self.blocks, x, remat=cfg.remat)
+    return layers.scan_layers(self.blocks, x, remat=cfg.remat)[0]
