@@ -71,3 +71,27 @@ def test_reference_compat_attends_to_padding(reference_checkpoint):
   import torch
   expected = ref.logits_from_embeds(torch.from_numpy(np.array(x)))
   assert_close(ours, expected.numpy())
+
+
+@pytest.mark.parametrize("family,size", [("lavida-llada", (640, 480)),
+                                         ("llada-v", (1200, 1100))])
+def test_packed_static_splice_equals_dynamic_splice(loaded, family, size):
+  """data/packing.py + embed_packed (static shapes, padded views) == embed_multimodal,
+  including LLaDA-V's bilinear downsampling expressed as 4-tap gathers."""
+  from lavida_jax.data import packing
+  _, model = loaded(family)
+  pixels, image_size = _views(model, size, 5)
+  ids = np.array([3, 4, -200, 5, 6])
+  labels = np.array([-100, -100, -100, 5, 6])
+  max_views = len(pixels) + 2
+  n = model.layout(pixels, image_size).num_tokens
+  packed = packing.pack_example(ids, labels, image_size, model.cfg, n + 10, 254, max_views)
+  assert (packed["input_ids"] == -200).sum() == n
+  assert (packed["labels"][2:2 + n] == -100).all() and (packed["labels"][n + 6:] == 254).all()
+  views, _ = image_lib.pad_views(pixels, max_views)
+  x = model.embed_packed(packed["input_ids"][None], views[None],
+                         packed["image_index"][None], packed["image_weight"][None])
+  expected, _ = model.embed_multimodal(ids[None], [(pixels, image_size)])
+  assert_close(np.asarray(x)[0, :n + 4], np.asarray(expected)[0])
+  with pytest.raises(ValueError, match="exceeds length"):
+    packing.pack_example(ids, labels, image_size, model.cfg, n, 254, max_views)

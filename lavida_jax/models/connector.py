@@ -151,3 +151,33 @@ def assemble(feats_VPD, newline_D, layout: Layout):
   newline = jnp.broadcast_to(newline_D.astype(canvas.dtype), (h, 1, d))
   canvas = jnp.concatenate([canvas, newline], axis=1).reshape(-1, d)
   return jnp.concatenate([base, canvas], axis=0)
+
+
+def token_sources(layout: Layout, newline_index: int) -> tuple[np.ndarray, np.ndarray]:
+  """Each image token as a weighted sum of at most 4 table rows (static-shape form).
+
+  The table is the flat [V*s*s] pooled view features followed by the newline
+  at `newline_index`. A plain gather has weights (1, 0, 0, 0); anyres_max
+  downsampling is bilinear, so each output mixes a 2x2 neighbourhood.
+  Returns (index [n_tokens, 4] int32, weight [n_tokens, 4] float32).
+  """
+  rows = [(np.stack([layout.base, *[np.zeros_like(layout.base)] * 3], -1),
+           np.eye(4, dtype=np.float32)[np.zeros(len(layout.base), int)])]
+  if layout.canvas is not None:
+    h, w = layout.canvas.shape
+    oh, ow = layout.out_hw
+    wh, ww = bilinear_matrix(h, oh), bilinear_matrix(w, ow)
+    idx = np.zeros((oh, ow + 1, 4), np.int64)
+    wgt = np.zeros((oh, ow + 1, 4), np.float32)
+    for p in range(oh):
+      hs = np.flatnonzero(wh[p])
+      for q in range(ow):
+        ws = np.flatnonzero(ww[q])
+        pairs = [(a, b) for a in hs for b in ws]
+        idx[p, q, :len(pairs)] = [layout.canvas[a, b] for a, b in pairs]
+        wgt[p, q, :len(pairs)] = [wh[p, a] * ww[q, b] for a, b in pairs]
+    idx[:, ow, 0], wgt[:, ow, 0] = newline_index, 1.0
+    rows.append((idx.reshape(-1, 4), wgt.reshape(-1, 4)))
+  index = np.concatenate([r[0] for r in rows]).astype(np.int32)
+  weight = np.concatenate([r[1] for r in rows]).astype(np.float32)
+  return index, weight

@@ -108,20 +108,31 @@ class LaViDa(nnx.Module):
     if np.ndim(pixel_values) != 4:
       raise ValueError("pixel_values of one image must be [V, H, W, 3] with all its views, "
                        f"got shape {np.shape(pixel_values)}")
-    w, h = image_size
-    if w < 1 or h < 1:
-      raise ValueError(f"image_size must be (width, height) >= 1, got {image_size}")
-    grid = image_lib.grid_shape(tuple(image_size), self.cfg.image)
-    expected = 1 + grid[0] * grid[1] if self.cfg.connector.anyres else 1
-    if len(pixel_values) != expected:
-      raise ValueError(f"an image of size {tuple(image_size)} needs {expected} views "
-                       f"(global + {grid[0]}x{grid[1]} crops), got {len(pixel_values)}")
-    side = self.cfg.connector.pooled_side(self.cfg.vision.grid)
-    return connector.anyres_layout(tuple(image_size), grid, side, self.cfg.connector)
+    return image_layout(self.cfg, image_size, len(pixel_values))
 
   def project(self, feats_VPD):
     """Projector then pooling (the reference's order): [V, 729, Dv] -> [V, s*s, H]."""
     return connector.pool(self.projector(feats_VPD), self.cfg.connector)
+
+  def embed_packed(self, input_ids_BT, pixels_BVHWC, image_index_BTK, image_weight_BTK):
+    """Static-shape splice (training, batched serving) -> x [B, T, H].
+
+    input_ids hold -200 at every image-token position (already expanded); for
+    those positions image_index/weight [B, T, 4] pick rows of the example's
+    table [V*s*s pooled view features, image_newline] (`data/packing.py`).
+    Padded views are encoded but never indexed.
+    """
+    b, v = pixels_BVHWC.shape[:2]
+    feats = self.project(self.vision(pixels_BVHWC.reshape(b * v, *pixels_BVHWC.shape[2:])))
+    feats = feats.reshape(b, -1, feats.shape[-1])
+    newline = jnp.broadcast_to(self.image_newline[...].astype(feats.dtype), (b, 1, feats.shape[-1]))
+    table = jnp.concatenate([feats, newline], axis=1)
+    t, k = image_index_BTK.shape[1:]
+    rows = jnp.take_along_axis(table, image_index_BTK.reshape(b, t * k, 1), axis=1)
+    image = jnp.einsum("btk,btkd->btd", image_weight_BTK.astype(feats.dtype),
+                       rows.reshape(b, t, k, -1))
+    text = self.lm.embed_tokens(jnp.where(input_ids_BT < 0, 0, input_ids_BT))
+    return jnp.where((input_ids_BT == IMAGE_TOKEN_ID)[..., None], image.astype(text.dtype), text)
 
   def embed_multimodal(self, input_ids, images):
     """Splice image tokens into the embedded prompt -> (x [B, T', H], valid [B, T'])."""
@@ -150,6 +161,20 @@ class LaViDa(nnx.Module):
       valid[b, :r.shape[0]] = True
     x = jnp.stack([jnp.pad(r, ((0, length - r.shape[0]), (0, 0))) for r in rows])
     return x, jnp.asarray(valid)
+
+
+def image_layout(cfg: LaViDaConfig, image_size, n_views: int | None = None) -> connector.Layout:
+  """Token layout of one image of size (W, H); n_views, if given, is checked."""
+  w, h = image_size
+  if w < 1 or h < 1:
+    raise ValueError(f"image_size must be (width, height) >= 1, got {image_size}")
+  grid = image_lib.grid_shape(tuple(image_size), cfg.image)
+  expected = 1 + grid[0] * grid[1] if cfg.connector.anyres else 1
+  if n_views is not None and n_views != expected:
+    raise ValueError(f"an image of size {tuple(image_size)} needs {expected} views "
+                     f"(global + {grid[0]}x{grid[1]} crops), got {n_views}")
+  side = cfg.connector.pooled_side(cfg.vision.grid)
+  return connector.anyres_layout(tuple(image_size), grid, side, cfg.connector)
 
 
 @nnx.jit
