@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -38,14 +39,20 @@ class LaViDaConfig:
       raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
 
   @classmethod
-  def create(cls, family: str, size: str = "full", **kw) -> "LaViDaConfig":
-    """Named setups: family in FAMILIES, size 'full' (released sizes) or 'tiny'."""
+  def create(cls, family: str, size: str = "full", image_size: int = 384,
+             **kw) -> "LaViDaConfig":
+    """Named setups: family in FAMILIES, size 'full' (released sizes) or 'tiny'.
+
+    image_size != 384 scales the view size, the pinpoints and the pooled grid
+    together (patch 14 kept): small CPU demos and fast tests.
+    """
     if family not in FAMILIES:
       raise ValueError(f"unknown model family {family!r}; expected one of {FAMILIES}")
     if size not in ("full", "tiny"):
       raise ValueError(f"unknown size {size!r}; expected 'full' or 'tiny'")
     tiny = size == "tiny"
     vision = SiglipConfig.tiny() if tiny else SiglipConfig.so400m()
+    vision = dataclasses.replace(vision, image_size=image_size)
     if family == "lavida-dream":
       lm = LMConfig.tiny_dream() if tiny else LMConfig.dream_7b()
     else:
@@ -54,8 +61,12 @@ class LaViDaConfig:
       conn = connector.ConnectorConfig(vision.width, lm.d_model, pool_mode=None, max_tiles=4)
       img = image_lib.ImageConfig.llada_v()
     else:
-      conn = connector.ConnectorConfig(vision.width, lm.d_model, pool_mode="bilinear")
+      conn = connector.ConnectorConfig(vision.width, lm.d_model, pool_mode="bilinear",
+                                       pool_size=math.ceil(vision.grid / 2))
       img = image_lib.ImageConfig.lavida()
+    scale = lambda p: tuple((w * image_size // img.size, h * image_size // img.size)
+                            for w, h in p)
+    img = dataclasses.replace(img, size=image_size, pinpoints=scale(img.pinpoints))
     return cls(family=family, vision=vision, connector=conn, lm=lm, image=img, **kw)
 
 
