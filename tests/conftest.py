@@ -55,3 +55,33 @@ def assert_close(ours, ref, rel=1e-4):
   scale = max(np.abs(ref).max(), 1e-6)
   err = np.abs(ours - ref).max()
   assert err <= rel * scale, f"max abs diff {err:.3g} > {rel} x scale {scale:.3g}"
+
+
+TINY_SPECIALS = {"<|startoftext|>": 244, "<|start_header_id|>": 245, "<|end_header_id|>": 246,
+                 "<|eot_id|>": 247, "<|im_start|>": 248, "<|im_end|>": 249, "[FIM]": 250,
+                 "[S]": 251, "<image>": 252, "<|endoftext|>": 254, "<|mdm_mask|>": 255}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+  """A word-level tokenizer.json inside the tiny models' 256-id vocabulary, with the
+  chat specials; eos 254 and mask 255 as in LMConfig.tiny_*()."""
+  import re
+
+  import tokenizers
+  from tokenizers import models, pre_tokenizers
+
+  from lavida_jax import text
+
+  words = sorted(set(re.findall(r"\w+|[^\w\s]", text.SYSTEM_PROMPT + " system user assistant "
+                                "what colour is the circle square triangle red blue green "
+                                "how many shapes are there one two three a an and of")))
+  vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}
+  assert len(vocab) < 244
+  vocab.update(TINY_SPECIALS)
+  tok = tokenizers.Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  tok.add_special_tokens(list(TINY_SPECIALS))
+  folder = tmp_path_factory.mktemp("tiny_tokenizer")
+  tok.save(str(folder / "tokenizer.json"))
+  return text.load_tokenizer(str(folder))

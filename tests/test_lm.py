@@ -60,7 +60,7 @@ def test_prefix_cache_equals_prefix_dlm_attention(loaded, family):
   lengths = [9, 6]  # row 1: a 6-token prompt padded to the 9-token bucket
   valid = np.arange(9)[None] < np.array(lengths)[:, None]
   canvas = rng.integers(0, 200, (2, 5))
-  cache = lm.prefill(lm.embed_tokens(jnp.asarray(prefix)), jnp.asarray(valid))
+  cache, _ = lm.prefill(lm.embed_tokens(jnp.asarray(prefix)), jnp.asarray(valid))
   ours = np.asarray(lm.logits_from_hidden(
       lm.hidden_with_cache(lm.embed_tokens(jnp.asarray(canvas)), cache)))
   emb = ref.lm.get_input_embeddings()

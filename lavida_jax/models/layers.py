@@ -205,15 +205,19 @@ def scan_layers(blocks: nnx.Module, x, *args, xs=None, remat: str = "none"):
 
   block(x, *args[, xs_l]) -> (x, y_l): xs (optional) is sliced per layer along
   axis 0, and the y_l are stacked on axis 0. Returns (x, ys).
+
+  A plain `lax.scan` over the split state (not `nnx.scan`), so the blocks can
+  be called from inside any JAX transform (the sampler's scan and cond).
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT_POLICIES)}")
+  graphdef, state = nnx.split(blocks)
 
-  def body(x, block, xs_l):
+  def body(x, layer):
+    state_l, xs_l = layer
+    block = nnx.merge(graphdef, state_l)
     return block(x, *args) if xs_l is None else block(x, *args, xs_l)
 
   if remat != "none":
-    body = nnx.remat(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-  scan = nnx.scan(body, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                  transform_metadata={nnx.PARTITION_NAME: "layers"})
-  return scan(x, blocks, xs)
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+  return jax.lax.scan(body, x, (state, xs))

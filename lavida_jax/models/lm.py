@@ -129,14 +129,18 @@ class DiffusionLM(nnx.Module):
     h, _ = self._blocks(x_BTD, positions_BT, self._mask(x_BTD, valid_BT, mask_BTS))
     return self.final_norm(h)
 
-  def prefill(self, x_BPD, valid_BP=None) -> KVCache:
-    """Runs the prefix alone (it never sees the canvas) and keeps every layer's K/V."""
+  def prefill(self, x_BPD, valid_BP=None) -> tuple[KVCache, jax.Array]:
+    """Runs the prefix alone (it never sees the canvas) and keeps every layer's K/V.
+
+    Returns (cache, hidden [B, P, D]); the hidden states give Dream's first canvas
+    logit (from the prompt's last position) without another pass.
+    """
     b, p, _ = x_BPD.shape
     valid = jnp.ones((b, p), bool) if valid_BP is None else valid_BP
     # Real tokens take positions 0..n-1 even when the bucket pads the prefix.
     positions = jnp.cumsum(valid, axis=1) - 1
-    _, (k, v) = self._blocks(x_BPD, positions, self._mask(x_BPD, valid, None), collect_kv=True)
-    return KVCache(k, v, valid, valid.sum(axis=1))
+    h, (k, v) = self._blocks(x_BPD, positions, self._mask(x_BPD, valid, None), collect_kv=True)
+    return KVCache(k, v, valid, valid.sum(axis=1)), self.final_norm(h)
 
   def hidden_with_cache(self, x_BLD, cache: KVCache):
     """Canvas embeddings [B, L, D] -> hidden [B, L, D], attending to prefix + canvas.
