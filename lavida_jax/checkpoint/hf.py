@@ -44,6 +44,15 @@ HF_SHAPE = {
     "heads_bias": lambda s: (math.prod(s),),
     "conv": lambda s: (s[3], s[2], s[0], s[1]),
 }
+# ours -> HF array (the inverse of TO_OURS): exact, only reshapes and transposes.
+TO_HF = {
+    "none": lambda x: x,
+    "linear": lambda x: x.T,
+    "heads_in": lambda x: x.reshape(x.shape[0], -1).T,  # [D, N, H] -> [N*H, D]
+    "heads_out": lambda x: x.reshape(-1, x.shape[-1]).T,  # [N, H, D] -> [D, N*H]
+    "heads_bias": lambda x: x.reshape(-1),  # [N, H] -> [N*H]
+    "conv": lambda x: x.transpose(3, 2, 0, 1),  # [kh, kw, I, O] -> [O, I, kh, kw]
+}
 
 _SIGLIP = "model.vision_tower.vision_tower.vision_model."
 VISION_ROWS = [
@@ -191,6 +200,66 @@ def config_from_hf(raw: dict, ckpt: Checkpoint | None = None, where: str = "chec
   img = image_lib.ImageConfig(size=vision.image_size, pinpoints=pinpoints, anyres=anyres)
   return LaViDaConfig(family=family, vision=vision, connector=conn, lm=lm, image=img,
                       **overrides)
+
+
+def config_to_hf(cfg: LaViDaConfig) -> dict:
+  """LaViDaConfig -> config.json in the family's released format (inverse of config_from_hf).
+
+  The fields LaViDa's / LLaDA-V's PyTorch code reads: the LM's own config (OLMo-style
+  names for LaViDa-L, Qwen2 names for LaViDa-D, LLaMA names for LLaDA-V) plus the
+  LLaVA multimodal fields. `config_from_hf(config_to_hf(cfg)) == cfg` for every
+  model-defining field (not runtime switches such as remat or reference_compat).
+  """
+  lm, v, c, img = cfg.lm, cfg.vision, cfg.connector, cfg.image
+  if c.anyres and cfg.family != "llada-v" and c.pool_mode is None:
+    raise CheckpointError(f"{cfg.family}: an anyres model without pooling has no "
+                          "config.json form; set connector.pool_mode")
+  aspect = ("pad" if not c.anyres else
+            f"anyres_max_{c.max_tiles}" if c.max_tiles is not None else "anyres")
+  pinpoints = [list(p) for p in img.pinpoints]
+  side = img.size
+  grid = [(w // side, h // side) for w, h in img.pinpoints]
+  if cfg.family == "llada-v" and grid and len(grid) > 1:
+    text = f"({grid[0][0]}x{grid[0][1]}),...,({grid[-1][0]}x{grid[-1][1]})"
+    if parse_pinpoints(text, side) == img.pinpoints:
+      pinpoints = text
+  vision_tower = ("google/siglip2-so400m-patch14-384" if cfg.family == "llada-v"
+                  else "google/siglip-so400m-patch14-384")
+  mm = dict(
+      mm_vision_tower=vision_tower, mm_hidden_size=v.width, mm_projector_type="mlp2x_gelu",
+      mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+      mm_patch_merge_type="spatial_unpad", mm_use_im_start_end=False,
+      mm_use_im_patch_token=False, image_aspect_ratio=aspect, image_grid_pinpoints=pinpoints,
+      vision_config=dict(hidden_size=v.width, intermediate_size=v.mlp_dim,
+                         num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+                         image_size=v.image_size, patch_size=v.patch_size,
+                         layer_norm_eps=v.eps))
+  if cfg.family != "llada-v" and c.pool_mode is not None:
+    mm["mm_spatial_pool_mode"] = c.pool_mode
+  if cfg.family == "lavida-llada":
+    return dict(
+        model_type="llava_llada", architectures=["LlavaLladaForMaskedDiffusion"],
+        d_model=lm.d_model, n_heads=lm.n_heads, n_kv_heads=lm.n_kv_heads,
+        n_layers=lm.n_layers, mlp_hidden_size=lm.mlp_dim, mlp_ratio=lm.mlp_dim // lm.d_model,
+        vocab_size=lm.vocab_size, embedding_size=lm.vocab_size, rope=True,
+        rope_theta=lm.rope_theta, rope_full_precision=True, rms_norm_eps=lm.norm_eps,
+        layer_norm_type="rms", activation_type="silu", block_type="llama",
+        include_bias=False, include_qkv_bias=False, alibi=False, weight_tying=False,
+        mask_token_id=lm.mask_id, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id,
+        max_sequence_length=4096, **mm)
+  common = dict(
+      hidden_size=lm.d_model, num_attention_heads=lm.n_heads,
+      num_key_value_heads=lm.n_kv_heads, num_hidden_layers=lm.n_layers,
+      intermediate_size=lm.mlp_dim, vocab_size=lm.vocab_size, rope_theta=lm.rope_theta,
+      rms_norm_eps=lm.norm_eps, hidden_act="silu", tie_word_embeddings=False,
+      mask_token_id=lm.mask_id, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id,
+      **({"head_dim": lm.head_dim} if lm.head_dim * lm.n_heads != lm.d_model else {}))
+  if cfg.family == "lavida-dream":
+    return dict(model_type="llava_dream", architectures=["LlavaDreamForMaskedDiffusion"],
+                max_position_embeddings=131072, **common, **mm)
+  return dict(model_type="llava_llada", architectures=["LlavaLLaDAModelLM"],
+              attention_bias=False, mlp_bias=False, max_position_embeddings=8192,
+              **common, **mm)
 
 
 def read_config(folder: str) -> dict:

@@ -1,0 +1,368 @@
+"""Orbax checkpoints of LaViDa models: the folder layout, streaming writes, sharded restore.
+
+Folder layout (one "step folder"; `lavida_jax.convert hf-to-orbax` writes one)::
+
+  DIR/
+    params/            Orbax PyTree item (OCDBT + zarr): the model's nnx.Param state
+                       as a nested dict, `nnx.to_pure_dict(nnx.state(model, nnx.Param))`,
+                       e.g. params['lm']['blocks']['attn']['q']['kernel'] [L, D, N, H].
+                       Stacked layers keep the leading 'layers' axis.
+    config.json        the model config in LaViDa's own (Hugging Face) format: the
+                       original file verbatim after hf-to-orbax, else
+                       `hf.config_to_hf(cfg)`; the model is rebuilt from it.
+    lavida_jax.json    {"format": "lavida-jax-orbax", "version": 1, "family", "items"}
+    tokenizer files    tokenizer.json, tokenizer_config.json, ... when known.
+
+Training checkpoints use the same item name: a CheckpointManager step folder
+`WORKDIR/<step>/` holds `params/` beside other items (`opt_state/`, the data
+iterator, ...). Readers here open only `params/`, so export and
+`load_pretrained` work on training checkpoints and ignore optimizer state.
+`config.json` (and the tokenizer files) are looked up in the step folder, then in
+its parent (the workdir), so a trainer writes them once per run. Given a
+CheckpointManager root (numbered step folders), the newest step is used.
+
+Writes stream: a parameter is a `Streamed` leaf that produces its data block by
+block (one layer of a stacked parameter at a time) only when Orbax serialises
+it, so converting an 8B model holds one tensor in host memory, never the model.
+Restores go straight onto a mesh: each device reads only its shard's chunks.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import os
+import re
+from typing import Callable, Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from etils import epath
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from lavida_jax import sharding as sharding_lib
+from lavida_jax.checkpoint.shards import CheckpointError
+
+PARAMS_ITEM = "params"
+CONFIG_FILE = "config.json"
+META_FILE = "lavida_jax.json"
+FORMAT = "lavida-jax-orbax"
+# Zarr chunks of at most this many bytes (split along the largest axes), so a
+# device restoring an FSDP/tensor shard reads little beyond its own shard.
+CHUNK_BYTES = 8 << 20
+# Bytes being written at once (tensorstore copies each slab while writing it).
+INFLIGHT_BYTES = 256 << 20
+SLAB_BYTES = 64 << 20
+
+
+# --- writing, one block at a time ------------------------------------------------------
+
+@dataclasses.dataclass
+class Streamed:
+  """An array leaf whose data is produced only while it is written.
+
+  blocks() yields (index, array) pairs that tile the array; with stacked=True each
+  block is one slice along axis 0 (index = layer number), else one block with
+  index ().
+  """
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  blocks: Callable[[], Iterator[tuple[int | tuple, np.ndarray]]]
+  stacked: bool = False
+
+  def __post_init__(self):
+    self.shape, self.dtype = tuple(self.shape), np.dtype(self.dtype)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+
+async def write_block(store, index, block):
+  """One block (owned by the write) into an open tensorstore array (a test seam)."""
+  await store[index].write(block, can_reference_source_data_indefinitely=True)
+
+
+class _StreamedHandler(ocp.type_handlers.NumpyHandler):
+  """Writes Streamed leaves block by block, recorded as plain numpy arrays.
+
+  The chunk shape divides one layer, so each block covers whole chunks (no
+  read-modify-write). Writes overlap up to `inflight_bytes` of blocks; beyond
+  that the oldest is awaited (and released) before the next block is produced.
+  """
+
+  def __init__(self, inflight_bytes: int):
+    super().__init__()
+    self._inflight_bytes = inflight_bytes
+
+  def typestr(self) -> str:
+    return "np.ndarray"  # restored by Orbax's own numpy / jax.Array handlers
+
+  async def serialize(self, values, infos, args=None):
+    args = args or [ocp.SaveArgs()] * len(values)
+    pending: list[tuple[asyncio.Task, int]] = []
+
+    async def open_store(value, info, arg):
+      await info.await_path_creation()
+      use_ocdbt = bool(info.is_ocdbt_checkpoint)
+      local = (1, *value.shape[1:]) if value.stacked else value.shape
+      spec = ocp.type_handlers.get_json_tspec_write(
+          info, use_ocdbt=use_ocdbt, global_shape=value.shape, local_shape=local,
+          dtype=value.dtype, process_index=jax.process_index() if use_ocdbt else None,
+          arg=arg)
+      return await ts.open(ts.Spec(spec), create=True, open=True, context=info.ts_context)
+
+    # Opening writes only metadata: all at once (each open is a commit).
+    stores = await asyncio.gather(*map(open_store, values, infos, args))
+    try:
+      for value, info, store in zip(values, infos, stores):
+        want = value.shape[1:] if value.stacked else value.shape
+        for index, block in value.blocks():
+          block = np.asarray(block)
+          if block.shape != want or block.dtype != value.dtype:
+            raise CheckpointError(f"parameter {info.name}: block {index} is {block.shape} "
+                                  f"{block.dtype}, expected {want} {value.dtype}")
+          for where, slab in _slabs(block, index, store, value.stacked):
+            pending.append((asyncio.ensure_future(write_block(store, where, slab)),
+                            slab.nbytes))
+            while sum(n for _, n in pending) > self._inflight_bytes:
+              await pending.pop(0)[0]
+          del block
+      while pending:
+        await pending.pop(0)[0]
+    finally:
+      for task, _ in pending:
+        task.cancel()
+    return []
+
+
+def _slabs(block: np.ndarray, index, store, stacked: bool):
+  """Splits a block along its first axis into slabs of whole chunks, ~SLAB_BYTES each.
+
+  Slabs are copies: a write in flight never keeps the whole source tensor alive, and
+  a 1 GB tensor never needs a second 1 GB buffer.
+  """
+  lead = (index,) if stacked else ()
+  if block.ndim == 0:
+    yield lead or (), block.copy()
+    return
+  chunk_rows = store.chunk_layout.write_chunk.shape[len(lead)]
+  row_bytes = max(1, block.nbytes // max(1, block.shape[0]))
+  rows = max(chunk_rows, (SLAB_BYTES // row_bytes) // chunk_rows * chunk_rows)
+  for r in range(0, block.shape[0], rows):
+    yield (*lead, slice(r, min(r + rows, block.shape[0]))), block[r:r + rows].copy()
+
+
+def write_params(directory: str, leaves: dict[str, Streamed], chunk_bytes: int = CHUNK_BYTES,
+                 inflight_bytes: int = INFLIGHT_BYTES):
+  """Saves {'a/b/c': Streamed} as the Orbax PyTree item `directory` (must not exist)."""
+  tree = unflatten(leaves)
+  registry = ocp.type_handlers.create_type_handler_registry(
+      (Streamed, _StreamedHandler(inflight_bytes)), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (jax.Array, ocp.type_handlers.ArrayHandler()))
+  handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+  save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
+  with ocp.Checkpointer(handler) as ckptr:
+    ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+
+
+def save_model(model: nnx.Module, directory: str, hf_config: dict):
+  """An in-memory model -> DIR/params + config.json + lavida_jax.json (DIR must not exist).
+
+  For small models and tests; `lavida_jax.convert` streams instead.
+  """
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  os.makedirs(directory)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(os.path.abspath(os.path.join(directory, PARAMS_ITEM)), params)
+  write_meta(directory, hf_config, model.cfg.family)
+
+
+def write_meta(directory: str, hf_config: dict | None, family: str):
+  if hf_config is not None:
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+      json.dump(hf_config, f, indent=2)
+  with open(os.path.join(directory, META_FILE), "w") as f:
+    json.dump({"format": FORMAT, "version": 1, "family": family, "items": [PARAMS_ITEM]}, f,
+              indent=2)
+
+
+def unflatten(flat: dict[str, object]) -> dict:
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(flatten(v, path + "/"))
+    else:
+      out[path] = v
+  return out
+
+
+# --- finding and reading --------------------------------------------------------------
+
+def is_orbax(path: str) -> bool:
+  """A step folder (holds params/) or a CheckpointManager root of step folders."""
+  try:
+    find_step(path)
+    return True
+  except CheckpointError:
+    return False
+
+
+def find_step(path: str) -> str:
+  """The step folder holding `params/`: `path` itself, or its newest numbered step."""
+  if os.path.isdir(os.path.join(path, PARAMS_ITEM)):
+    return path
+  steps = []
+  if os.path.isdir(path):
+    for name in os.listdir(path):
+      m = re.fullmatch(r"(?:\w+_)?(\d+)", name)
+      if m and os.path.isdir(os.path.join(path, name, PARAMS_ITEM)):
+        steps.append((int(m.group(1)), name))
+  if not steps:
+    raise CheckpointError(f"{path} is not an Orbax checkpoint: no {PARAMS_ITEM}/ item and no "
+                          f"numbered step folder holding one")
+  return os.path.join(path, max(steps)[1])
+
+
+def find_beside(step: str, name: str) -> str | None:
+  """`name` in the step folder, else in its parent (a training workdir)."""
+  for folder in (step, os.path.dirname(os.path.abspath(step))):
+    if os.path.exists(os.path.join(folder, name)):
+      return os.path.join(folder, name)
+  return None
+
+
+def read_config(step: str) -> dict:
+  path = find_beside(step, CONFIG_FILE)
+  if path is None:
+    raise CheckpointError(f"Orbax checkpoint {step} has no {CONFIG_FILE} (looked in the step "
+                          "folder and its parent)")
+  with open(path) as f:
+    return json.load(f)
+
+
+def params_metadata(step: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """{'lm/embed': (shape, dtype), ...} from the params item's metadata (no data read)."""
+  directory = os.path.abspath(os.path.join(step, PARAMS_ITEM))
+  try:
+    meta = ocp.PyTreeCheckpointer().metadata(directory)
+  except (FileNotFoundError, ValueError, OSError) as e:
+    raise CheckpointError(f"cannot read Orbax metadata of {directory}: {e}") from e
+  tree = getattr(meta, "item_metadata", meta)
+  tree = getattr(tree, "tree", tree)
+  return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten(tree).items()}
+
+
+class ParamReader:
+  """Reads one parameter, or one layer of a stacked one, straight from tensorstore."""
+
+  def __init__(self, step: str):
+    self.directory = epath.Path(os.path.abspath(os.path.join(step, PARAMS_ITEM)))
+    self.meta = params_metadata(step)
+    self._ocdbt = ocp.type_handlers.is_ocdbt_checkpoint(self.directory)
+    self._zarr3 = _uses_zarr3(self.directory)
+    self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
+    self._open: dict[str, object] = {}
+
+  def _store(self, path: str):
+    if path not in self._open:
+      info = ocp.type_handlers.ParamInfo(
+          name=".".join(path.split("/")), parent_dir=self.directory,
+          is_ocdbt_checkpoint=self._ocdbt, use_zarr3=self._zarr3, ts_context=self._context)
+      spec = ocp.type_handlers.get_json_tspec_read(info, use_ocdbt=self._ocdbt)
+      # Keep only the store in hand open: reading layer by layer, nothing accumulates.
+      self._open = {path: ts.open(spec, open=True, context=self._context).result()}
+    return self._open[path]
+
+  def read(self, path: str, index=()) -> np.ndarray:
+    return np.asarray(self._store(path)[index].read().result())
+
+
+def _uses_zarr3(directory: epath.Path) -> bool:
+  try:
+    meta = json.loads((directory / "_METADATA").read_text())
+    return bool(meta.get("use_zarr3", False))
+  except (OSError, ValueError):
+    return False
+
+
+def restore_params(step: str, target: dict) -> dict:
+  """Restores the params item onto the shardings of `target` (jax.ShapeDtypeStruct leaves)."""
+  directory = os.path.abspath(os.path.join(step, PARAMS_ITEM))
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=False))
+
+
+def load_orbax(path: str, dtype="float32", mesh=None, rules=sharding_lib.DEFAULT_RULES,
+               **config_overrides):
+  """A LaViDa model from an Orbax folder (see the module docstring), placed on `mesh`.
+
+  Every parameter is checked against the model's shapes (named when missing,
+  unexpected or mis-shaped) before anything is read; each device then reads
+  only its own shard. mesh=None: the first device.
+  """
+  import jax.numpy as jnp
+
+  from lavida_jax.checkpoint import hf
+  from lavida_jax.models.lavida import LaViDa
+
+  dtype = jnp.dtype(dtype)
+  step = find_step(path)
+  raw = read_config(step)
+  meta = params_metadata(step)
+  cfg = hf.config_from_hf(raw, where=step, **config_overrides)
+  if "lm/embed" in meta and meta["lm/embed"][0][0] != cfg.lm.vocab_size:
+    cfg = dataclasses.replace(cfg, lm=dataclasses.replace(
+        cfg.lm, embed_vocab_size=meta["lm/embed"][0][0]))
+  graphdef, abstract = nnx.split(nnx.eval_shape(
+      lambda: LaViDa(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype)))
+  if mesh is not None:
+    shardings = sharding_lib.state_shardings(abstract, mesh, rules)
+    named = {"/".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+  flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(abstract)}
+  check_params(meta, {k: v.shape for k, v in flat.items()}, step)
+  device = SingleDeviceSharding(jax.devices()[0])
+  target = unflatten({
+      k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=named[k] if mesh is not None else device)
+      for k, v in flat.items()})
+  values = flatten(restore_params(step, target))
+  if cfg.reference_compat:  # the reference keeps the newline in bf16 (SPEC §13)
+    values["image_newline"] = values["image_newline"].astype(jnp.bfloat16).astype(dtype)
+  state = nnx.map_state(lambda p, v: v.replace(values["/".join(map(str, p))]), abstract)
+  return nnx.merge(graphdef, state)
+
+
+def check_params(meta: dict, expected: dict[str, tuple[int, ...]], where: str):
+  """Refuses a missing, unexpected or mis-shaped parameter, naming it."""
+  for path, shape in expected.items():
+    if path not in meta:
+      raise CheckpointError(f"Orbax checkpoint {where} is missing parameter {path}")
+    if tuple(meta[path][0]) != tuple(shape):
+      raise CheckpointError(f"Orbax checkpoint parameter {path} has shape {meta[path][0]}, "
+                            f"expected {tuple(shape)}")
+  extra = sorted(set(meta) - set(expected))
+  if extra:
+    raise CheckpointError(f"Orbax checkpoint {where} has unexpected parameter(s): "
+                          f"{', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+
