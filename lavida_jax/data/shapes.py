@@ -22,16 +22,28 @@ class Shape:
   box: tuple[int, int, int, int]  # x0, y0, x1, y1
 
 
-def sample_scene(rng: np.random.Generator, size=(640, 480), max_shapes: int = 3) -> list[Shape]:
-  """1..max_shapes shapes of distinct colours in non-overlapping columns."""
+def sample_scene(rng: np.random.Generator, size=(640, 480), max_shapes: int = 3,
+                 side_fraction: tuple[float, float] | None = None) -> list[Shape]:
+  """1..max_shapes shapes of distinct colours in non-overlapping columns.
+
+  side_fraction: (lo, hi) bounds of a shape's side as fractions of its column
+  width (default: about 1/3 to 0.8); larger shapes suit small demo images.
+  """
   w, h = size
   n = int(rng.integers(1, max_shapes + 1))
   colours = rng.choice(list(COLOURS), size=n, replace=False)
   cols = rng.permutation(max_shapes)[:n]
   slot = w // max_shapes
+  if side_fraction is None:
+    lo, hi = slot // 3, int(slot * 0.8)
+  else:
+    lo, hi = int(slot * side_fraction[0]), int(slot * side_fraction[1])
+    if not 1 <= lo < hi <= min(slot, h):
+      raise ValueError(f"side_fraction {side_fraction} gives sides [{lo}, {hi}) for "
+                       f"columns {slot} px wide in a {w}x{h} image")
   shapes = []
   for colour, col in zip(colours, cols):
-    side = int(rng.integers(slot // 3, int(slot * 0.8)))
+    side = int(rng.integers(lo, hi))
     x0 = int(col * slot + rng.integers(0, slot - side + 1))
     y0 = int(rng.integers(0, h - side + 1))
     shapes.append(Shape(str(rng.choice(SHAPES)), str(colour), (x0, y0, x0 + side, y0 + side)))

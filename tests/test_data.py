@@ -1,0 +1,371 @@
+"""Tests for the data path: demo set, tokenizer, tfds builder, grain pipeline, feeding."""
+
+import dataclasses
+import filecmp
+import json
+import os
+import pickle
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from lavida_jax import image as image_lib
+from lavida_jax import text
+from lavida_jax.data import demo, pipeline, shapes
+from lavida_jax.data import tfds_builder as tb
+from lavida_jax.models.lavida import IMAGE_TOKEN_ID, LaViDaConfig, image_layout
+
+IMAGE = 64  # demo image side (px)
+LENGTH = 192
+
+
+def small_config(family: str = "lavida-llada") -> LaViDaConfig:
+  """The tiny config at 56 px views (4x4 patches), anyres over 56-px pinpoints, no pooling."""
+  cfg = LaViDaConfig.create(family, "tiny")
+  s = 56
+  pins = tuple((w * s, h * s) for w, h in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3)))
+  return dataclasses.replace(
+      cfg, vision=dataclasses.replace(cfg.vision, image_size=s),
+      image=image_lib.ImageConfig(size=s, pinpoints=pins),
+      connector=dataclasses.replace(cfg.connector, pool_mode=None))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_tfds():
+  tb.tfds.display_progress_bar(False)
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+  return demo.generate(str(tmp_path_factory.mktemp("demo")), seed=0, num_train=16,
+                       num_heldout=4, image_size=IMAGE, questions_per_image=2)
+
+
+@pytest.fixture(scope="module")
+def demo_tfds(demo_files, tmp_path_factory):
+  return tb.build({s: demo_files.qa[s] for s in demo.SPLITS}, demo_files.image_folder,
+                  str(tmp_path_factory.mktemp("tfds")))
+
+
+@pytest.fixture(scope="module")
+def tok():
+  return demo.demo_tokenizer()
+
+
+def make(source, cfg=None, batch=4, **kw):
+  cfg = cfg or small_config()
+  specials = demo.demo_special_tokens(pipeline.template_for(cfg.family))
+  kw = {"length": LENGTH, "global_batch_size": batch, "seed": 3, "process_index": 0,
+        "process_count": 1, **kw}
+  return pipeline.make_dataset(source, cfg, demo.demo_tokenizer(), specials, **kw)
+
+
+def take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ------------------------------------------------------------------ demo set --
+
+
+def test_demo_is_deterministic(demo_files, tmp_path):
+  again = demo.generate(str(tmp_path / "again"), seed=0, num_train=16, num_heldout=4,
+                        image_size=IMAGE, questions_per_image=2)
+  other = demo.generate(str(tmp_path / "other"), seed=1, num_train=16, num_heldout=4,
+                        image_size=IMAGE, questions_per_image=2)
+  for split in demo.SPLITS:
+    for a, b, c in ((demo_files.qa[split], again.qa[split], other.qa[split]),
+                    (demo_files.captions[split], again.captions[split], other.captions[split])):
+      assert filecmp.cmp(a, b, shallow=False)
+      assert not filecmp.cmp(a, c, shallow=False)
+    names = sorted(os.listdir(os.path.join(demo_files.image_folder, split)))
+    assert len(names) == (16 if split == "train" else 4)
+    match, mismatch, errors = filecmp.cmpfiles(
+        os.path.join(demo_files.image_folder, split), os.path.join(again.image_folder, split),
+        names, shallow=False)
+    assert match == names, (mismatch, errors)
+  train, heldout = (demo.read_jsonl(demo_files.qa[s]) for s in demo.SPLITS)
+  assert not {r["image"] for r in train} & {r["image"] for r in heldout}
+  answers = set(shapes.COLOURS) | set(shapes.SHAPES) | set(demo.NUMBERS)
+  for r in train + heldout:
+    human, gpt = r["conversations"]
+    assert human["value"].startswith("<image>\n") and human["from"] == "human"
+    assert gpt["value"] in answers
+    assert os.path.isfile(os.path.join(demo_files.image_folder, r["image"]))
+  # The first records of a split do not depend on how many are asked for.
+  fewer = demo.generate(str(tmp_path / "fewer"), seed=0, num_train=5, num_heldout=1,
+                        image_size=IMAGE, questions_per_image=2)
+  assert demo.read_jsonl(fewer.qa["train"]) == [r for r in train if int(r["id"][6:12]) < 5]
+
+
+def test_scene_questions_have_the_one_right_answer():
+  red_circle = shapes.Shape("circle", "red", (2, 10, 20, 28))
+  blue_square = shapes.Shape("square", "blue", (30, 5, 50, 25))
+  green_circle = shapes.Shape("circle", "green", (45, 30, 60, 45))
+  rng = np.random.default_rng(0)
+  qa = demo.scene_questions([red_circle, blue_square], rng, tuple(demo.QUESTION_KINDS))
+  assert qa["count"] == ("How many shapes are there?", "two")
+  assert qa["leftmost_colour"][1] == "red" and qa["rightmost_colour"][1] == "blue"
+  assert qa["colour_of_shape"] in {("What colour is the circle?", "red"),
+                                   ("What colour is the square?", "blue")}
+  assert qa["shape_of_colour"] in {("What shape is the red object?", "circle"),
+                                   ("What shape is the blue object?", "square")}
+  question, answer = qa["exists"]
+  present = question in ("Is there a red circle?", "Is there a blue square?")
+  assert answer == ("yes" if present else "no")
+  # Two circles: the circle's colour is ambiguous, so only the square is asked about.
+  for seed in range(10):
+    qa = demo.scene_questions([red_circle, blue_square, green_circle],
+                              np.random.default_rng(seed))
+    assert qa["colour_of_shape"] == ("What colour is the square?", "blue")
+    assert qa["count"][1] == "three" and qa["rightmost_colour"][1] == "green"
+  single = demo.scene_questions([blue_square], rng)
+  assert "leftmost_colour" not in single and single["count"][1] == "one"
+
+
+def test_demo_tokenizer_is_shipped_and_regenerable(tmp_path, tok):
+  assert os.path.getsize(demo.TOKENIZER_PATH) < 300_000
+  for s in demo.SPECIAL_STRINGS:
+    i = tok.token_to_id(s)
+    assert i is not None and tok.encode(s) == [i], s
+  sp = demo.demo_special_tokens()
+  assert (sp.mask_id, sp.eos_id, sp.pad_id, sp.bos_id, sp.end_of_turn) == (
+      tok.token_to_id("<|mdm_mask|>"), tok.token_to_id("<|endoftext|>"),
+      tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|startoftext|>"), "<|eot_id|>")
+  assert demo.demo_special_tokens("dream").end_of_turn == "<|im_end|>"
+  again = demo.train_demo_tokenizer(str(tmp_path / "t.model"))
+  assert again.vocab_size == tok.vocab_size
+  assert [again.id_to_token(i) for i in range(again.vocab_size)] == [
+      tok.id_to_token(i) for i in range(tok.vocab_size)]
+  prompt = text.format_llada([{"role": "user", "content": "What colour is the leftmost shape?"},
+                              {"role": "assistant", "content": "purple"}])
+  ids = tok.encode(prompt)
+  assert tok.decode(ids) == prompt
+  assert len(ids) < 70  # Whole words: the system prompt is about 40 pieces.
+  assert all(tok.id_to_token(i) != "<unk>" for i in ids)
+
+
+# ------------------------------------------------------------------- builder --
+
+
+def test_builder_round_trips_records(demo_files, demo_tfds):
+  for split in demo.SPLITS:
+    source = tb.data_source(demo_tfds, split)
+    records = demo.read_jsonl(demo_files.qa[split])
+    assert len(source) == len(records)
+    for i, r in enumerate(records):
+      got = source[i]
+      assert got["id"].decode() == r["id"]
+      assert got["image_path"].decode() == r["image"]
+      assert json.loads(got["conversations"]) == r["conversations"]
+      with open(os.path.join(demo_files.image_folder, r["image"]), "rb") as f:
+        assert got["image"] == f.read()
+  json_source = tb.LlavaJsonSource(demo_files.qa["train"], demo_files.image_folder)
+  assert json_source[3]["image"] == tb.data_source(demo_tfds, "train")[3]["image"]
+
+
+# ------------------------------------------------------------------ pipeline --
+
+
+@pytest.mark.parametrize("family", ["lavida-llada", "lavida-dream"])
+def test_batches_shapes_image_tokens_and_labels(demo_files, demo_tfds, tok, family):
+  cfg = small_config(family)
+  records = demo.read_jsonl(demo_files.qa["train"])
+  it = iter(make(tb.data_source(demo_tfds, "train"), cfg, batch=4, shuffle=False))
+  batches = take(it, 2)
+  expected = pipeline.batch_shapes(cfg, LENGTH, 4)
+  specials = demo.demo_special_tokens(pipeline.template_for(family))
+  end = "<|eot_id|>" if family == "lavida-llada" else "<|im_end|>\n"
+  n_image = image_layout(cfg, (IMAGE, IMAGE)).num_tokens
+  views = image_lib.num_views((IMAGE, IMAGE), cfg.image)
+  assert views == 5 and expected["pixel_values"][0] == (4, 5, 56, 56, 3)
+  for b, batch in enumerate(batches):
+    assert list(batch) == list(pipeline.KEYS)
+    for k, (shape, dtype) in expected.items():
+      assert batch[k].shape == shape and batch[k].dtype == dtype, k
+    for row in range(4):
+      ids, labels = batch["input_ids"][row], batch["labels"][row]
+      assert (ids == IMAGE_TOKEN_ID).sum() == n_image
+      image_pos = np.flatnonzero(ids == IMAGE_TOKEN_ID)
+      assert np.array_equal(image_pos, image_pos[0] + np.arange(n_image))  # one block
+      assert (batch["image_weight"][row][ids != IMAGE_TOKEN_ID] == 0).all()
+      np.testing.assert_allclose(batch["image_weight"][row][image_pos].sum(-1), 1.0)
+      # Labels: IGNORE on the prompt; the answer, its end of turn, then EOS padding.
+      target = np.flatnonzero(labels != text.IGNORE_ID)
+      assert np.array_equal(target, np.arange(target[0], LENGTH))
+      assert np.array_equal(labels[target], ids[target])
+      answer = records[4 * b + row]["conversations"][1]["value"]
+      answer_ids = tok.encode(answer + end)
+      n = len(answer_ids)
+      assert list(labels[target[:n]]) == answer_ids
+      assert (labels[target[n:]] == specials.eos_id).all()
+      assert target[0] > image_pos[-1]
+      assert batch["view_mask"][row].sum() == views
+      pixels = batch["pixel_values"][row]
+      assert pixels.min() >= -1 and pixels.max() <= 1 and np.abs(pixels).max() > 0.5
+
+
+def test_default_tiny_config_batches(demo_tfds):
+  cfg = LaViDaConfig.create("lavida-llada", "tiny")
+  it = iter(make(tb.data_source(demo_tfds, "heldout"), cfg, batch=2, length=512))
+  batch = next(it)
+  assert batch["pixel_values"].shape == (2, cfg.image.max_views, 384, 384, 3)
+  n_image = image_layout(cfg, (IMAGE, IMAGE)).num_tokens
+  assert ((batch["input_ids"] == IMAGE_TOKEN_ID).sum(1) == n_image).all()
+  assert batch["view_mask"].sum(1).tolist() == [image_lib.num_views((IMAGE, IMAGE), cfg.image)] * 2
+
+
+def _broken_dataset(root, demo_files):
+  """Good records (answers good0..good2) mixed with one broken record of each kind."""
+  folder = os.path.join(root, "images")
+  os.makedirs(folder)
+  good_png = os.path.join(demo_files.image_folder, "train", "000000.png")
+  with open(good_png, "rb") as f:
+    png = f.read()
+  with open(os.path.join(folder, "good.png"), "wb") as f:
+    f.write(png)
+  with open(os.path.join(folder, "corrupt.png"), "wb") as f:
+    f.write(png[:len(png) // 2])  # truncated
+  with open(os.path.join(folder, "empty.png"), "wb") as f:
+    pass
+
+  def rec(rid, image, question, answer):
+    r = {"id": rid, "conversations": [{"from": "human", "value": question},
+                                      {"from": "gpt", "value": answer}]}
+    if image:
+      r["image"] = image
+    return r
+
+  records = [
+      rec("a", "good.png", "<image>\nWhat colour is the circle?", "good0"),
+      rec("missing", "nope.png", "<image>\nWhat colour is the circle?", "red"),
+      {"id": "empty", "image": "good.png", "conversations": []},
+      rec("corrupt", "corrupt.png", "<image>\nWhat shape is it?", "square"),
+      rec("b", "good.png", "What shape is the red object?", "good1"),  # <image> added
+      rec("long", "good.png", "<image>\n" + "What colour is the circle? " * 30, "red"),
+      rec("zero-bytes", "empty.png", "<image>\nHow many?", "one"),
+      {"id": "unanswered", "image": "good.png",
+       "conversations": [{"from": "human", "value": "<image>\nHi"}]},
+      {"id": "no-conversations", "image": "good.png"},
+      rec("c", "good.png", "<image>\nHow many shapes are there?", "good2"),
+  ]
+  path = os.path.join(root, "broken.jsonl")
+  demo.write_jsonl(path, records)
+  return path, folder
+
+
+@pytest.mark.parametrize("reader", ["tfds", "json"])
+def test_broken_records_are_skipped_and_counted(demo_files, tmp_path, tok, reader):
+  path, folder = _broken_dataset(str(tmp_path), demo_files)
+  if reader == "tfds":
+    source = tb.data_source(tb.build({"train": path}, folder, str(tmp_path / "tfds")), "train")
+  else:
+    source = tb.LlavaJsonSource(path, folder)
+  assert len(source) == 10
+  it = iter(make(source, batch=1, shuffle=False, num_epochs=1))
+  answers = []
+  for batch in it:
+    labels = batch["labels"][0]
+    answers.append(tok.decode(labels[labels != text.IGNORE_ID], skip_special_tokens=True))
+  assert answers == ["good0", "good1", "good2"]
+  assert it.skipped == {"missing_image": 2, "bad_image": 1, "bad_conversation": 3,
+                        "too_long": 1, "too_many_views": 0}
+  assert it.examples == 3
+
+
+def test_resume_gives_the_same_next_batches(demo_tfds):
+  # 32 QA records, batch 6: the 9 batches cross two epoch boundaries.
+  source = tb.data_source(demo_tfds, "train")
+  it = iter(make(source, batch=6))
+  take(it, 4)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = take(it, 5)
+  resumed = iter(make(source, batch=6))
+  resumed.set_state(state)
+  assert_batches_equal(take(resumed, 5), expected)
+  assert resumed.examples == it.examples == 54
+  # A state saved with worker processes restores into an in-process pipeline by its
+  # element count (the workers' own state format is not needed).
+  from_workers = dict(state, num_workers=2, parent={"worker states": "not readable here"})
+  resumed = iter(make(source, batch=6))
+  resumed.set_state(from_workers)
+  assert_batches_equal(take(resumed, 5), expected)
+  # Thread counts change nothing; another seed changes the order.
+  assert_batches_equal(take(iter(make(source, batch=6, read_threads=1, prefetch=1)), 9)[4:],
+                       expected)
+  other = next(iter(make(source, batch=6, seed=4)))
+  assert not np.array_equal(other["input_ids"], expected[0]["input_ids"])
+
+
+def test_two_processes_split_each_global_batch(demo_tfds):
+  source = tb.data_source(demo_tfds, "train")
+  single = take(iter(make(source, batch=8)), 5)
+  halves = [take(iter(make(source, batch=8, process_index=p, process_count=2)), 5)
+            for p in range(2)]
+  for b in range(5):
+    for k in pipeline.KEYS:
+      assert halves[0][b][k].shape[0] == halves[1][b][k].shape[0] == 4
+      np.testing.assert_array_equal(
+          np.concatenate([halves[0][b][k], halves[1][b][k]]), single[b][k], err_msg=k)
+    # Disjoint: no example (question + image) is in both halves.
+    seen = [{h[b]["input_ids"][r].tobytes() + h[b]["pixel_values"][r].tobytes()
+             for r in range(4)} for h in halves]
+    assert len(seen[0]) == len(seen[1]) == 4 and not seen[0] & seen[1]
+  with pytest.raises(ValueError, match="not divisible"):
+    make(source, batch=7, process_index=0, process_count=2)
+
+
+def test_global_batch_on_eight_devices(demo_tfds):
+  mesh = jax.make_mesh((2, 4, 1), ("data", "fsdp", "tensor"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+  local = next(iter(make(tb.data_source(demo_tfds, "train"), batch=8)))
+  arrays = pipeline.global_batch(local, mesh, P(("data", "fsdp")))
+  for k, x in local.items():
+    assert arrays[k].shape == x.shape and arrays[k].dtype == x.dtype
+    assert arrays[k].sharding.spec == P(("data", "fsdp"))
+    assert len(arrays[k].addressable_shards) == 8
+    assert arrays[k].addressable_shards[0].data.shape[0] == 1
+    np.testing.assert_array_equal(np.asarray(arrays[k]), x)
+  per_key = pipeline.global_batch({"input_ids": local["input_ids"]}, mesh,
+                                  {"input_ids": P("data", "fsdp")})
+  assert per_key["input_ids"].sharding.spec == P("data", "fsdp")
+
+
+def test_preprocessor_pickles_for_worker_processes(demo_tfds):
+  cfg = small_config()
+  prep = pipeline.Preprocessor(cfg, demo.demo_tokenizer(), demo.demo_special_tokens(), LENGTH)
+  record = tb.data_source(demo_tfds, "train")[0]
+  copy = pickle.loads(pickle.dumps(prep))
+  a, b = prep(7, record), copy(7, record)
+  for k in pipeline.KEYS:
+    np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(ValueError, match="image_size"):
+    pipeline.Preprocessor(dataclasses.replace(cfg, vision=LaViDaConfig.create(
+        "lavida-llada", "tiny").vision), prep.tokenizer, prep.specials, LENGTH)
+
+
+def test_worker_processes_give_the_same_batches(demo_tfds):
+  from absl import flags
+  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (SPEC §12)
+  source = tb.data_source(demo_tfds, "train")
+  expected = take(iter(make(source, batch=4)), 3)
+  it = iter(make(source, batch=4, num_workers=2))
+  try:
+    got = take(it, 2)
+    state = json.loads(json.dumps(it.get_state()))
+    got.append(next(it))
+  finally:
+    it.close()
+  assert_batches_equal(got, expected)
+  resumed = iter(make(source, batch=4))  # in-process, from the workers' state
+  resumed.set_state(state)
+  assert_batches_equal([next(resumed)], expected[2:])
