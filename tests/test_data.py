@@ -38,15 +38,20 @@ def _quiet_tfds():
 
 
 @pytest.fixture(scope="module")
-def demo_files(tmp_path_factory):
-  return demo.generate(str(tmp_path_factory.mktemp("demo")), seed=0, num_train=16,
-                       num_heldout=4, image_size=IMAGE, questions_per_image=2)
+def demo_prepared(tmp_path_factory):
+  """(DemoFiles, tfds data_dir) of 16 train and 4 held-out scenes, 2 questions each."""
+  return demo.prepare(str(tmp_path_factory.mktemp("demo")), seed=0, num_train=16,
+                      num_heldout=4, image_size=IMAGE, questions_per_image=2)
 
 
 @pytest.fixture(scope="module")
-def demo_tfds(demo_files, tmp_path_factory):
-  return tb.build({s: demo_files.qa[s] for s in demo.SPLITS}, demo_files.image_folder,
-                  str(tmp_path_factory.mktemp("tfds")))
+def demo_files(demo_prepared):
+  return demo_prepared[0]
+
+
+@pytest.fixture(scope="module")
+def demo_tfds(demo_prepared):
+  return demo_prepared[1]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +176,17 @@ def test_builder_round_trips_records(demo_files, demo_tfds):
         assert got["image"] == f.read()
   json_source = tb.LlavaJsonSource(demo_files.qa["train"], demo_files.image_folder)
   assert json_source[3]["image"] == tb.data_source(demo_tfds, "train")[3]["image"]
+
+
+def test_prepare_rebuilds_only_when_the_set_changes(tmp_path):
+  kw = dict(num_train=3, num_heldout=1, image_size=IMAGE, questions_per_image=1)
+  files, data_dir = demo.prepare(str(tmp_path), **kw)
+  stamp = os.path.getmtime(os.path.join(data_dir, "manifest.json"))
+  assert demo.prepare(str(tmp_path), **kw) == (files, data_dir)
+  assert os.path.getmtime(os.path.join(data_dir, "manifest.json")) == stamp
+  assert len(tb.data_source(data_dir, "heldout")) == 1
+  demo.prepare(str(tmp_path), **{**kw, "num_heldout": 2})
+  assert len(tb.data_source(data_dir, "heldout")) == 2
 
 
 # ------------------------------------------------------------------ pipeline --

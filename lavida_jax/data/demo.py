@@ -7,6 +7,8 @@
   root/captions_{train,heldout}.jsonl      stage-1 captions: "<image>" -> caption
   root/manifest.json                       the arguments (a matching set is reused)
 
+`prepare(root, ...)` also writes the QA splits as tfds ArrayRecord under root/tfds.
+
 Records are LLaVA format, `{"id", "image": "train/000012.png", "conversations":
 [{"from": "human", "value": "<image>\\nWhat colour is the circle?"}, {"from": "gpt",
 "value": "red"}]}`, with image paths relative to `root/images`. Every question has
@@ -170,6 +172,30 @@ def generate(root: str, *, seed: int = 0, num_train: int = 2000, num_heldout: in
   with open(manifest, "w") as f:
     json.dump(args, f, indent=1)
   return files
+
+
+def prepare(root: str, **kwargs) -> tuple[DemoFiles, str]:
+  """`generate(root, **kwargs)`, then the QA splits as tfds ArrayRecord under root/tfds.
+
+  Returns (files, data_dir) for `tfds_builder.data_source(data_dir, split)`. The
+  ArrayRecord copy is rebuilt whenever the generated set changed.
+  """
+  from lavida_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
+
+  files = generate(root, **kwargs)
+  data_dir = os.path.join(root, "tfds")
+  stamp = os.path.join(data_dir, "manifest.json")
+  with open(os.path.join(root, "manifest.json")) as f:
+    manifest = f.read()
+  built = ""
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      built = f.read()
+  if built != manifest:
+    tfds_builder.build(files.qa, files.image_folder, data_dir, overwrite=True)
+    with open(stamp, "w") as f:
+      f.write(manifest)
+  return files, data_dir
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -137,12 +138,14 @@ class LlavaJson(tfds.core.GeneratorBasedBuilder):
 
 
 def build(splits: Mapping[str, str | Sequence[str]], image_folder: str | None,
-          data_dir: str) -> str:
+          data_dir: str, overwrite: bool = False) -> str:
   """Writes the ArrayRecord shards of every split under `data_dir`; returns data_dir.
 
-  A dataset already prepared there is kept as it is (tfds' behaviour); use a new
-  `data_dir` for new data.
+  A dataset already prepared there is kept as it is (tfds' behaviour) unless
+  `overwrite`, which deletes it first.
   """
+  if overwrite:
+    shutil.rmtree(os.path.join(data_dir, NAME), ignore_errors=True)
   builder = LlavaJson(splits=splits, image_folder=image_folder, data_dir=data_dir)
   builder.download_and_prepare()
   return data_dir
