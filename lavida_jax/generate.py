@@ -112,8 +112,9 @@ class Generator:
   """Compiled prefill and sampler for one model and sampler config; reuse it."""
 
   def __init__(self, model: LaViDa, tokenizer, cfg: sampler_lib.SamplerConfig,
-               prefix_cache: bool = True):
+               prefix_cache: bool = True, system_prompt: str | None = text_lib.SYSTEM_PROMPT):
     self.model, self.tokenizer, self.cfg, self.prefix_cache = model, tokenizer, cfg, prefix_cache
+    self.system_prompt = system_prompt
     self.lm_graphdef, self.lm_state = nnx.split(model.lm)
     shifted = model.cfg.lm.shifted_logits
     fn = _denoise_cached if prefix_cache else _denoise_full
@@ -134,7 +135,7 @@ class Generator:
 
   def __call__(self, reqs: Sequence[Request], rng=None) -> list[Result]:
     t0 = time.perf_counter()
-    prompts = [prompt_ids(self.model, self.tokenizer, r) for r in reqs]
+    prompts = [prompt_ids(self.model, self.tokenizer, r, self.system_prompt) for r in reqs]
     lengths = [len(ids) - sum(i == IMAGE_TOKEN_ID for i in ids)
                + sum(self.model.layout(*im).num_tokens for im in images)
                for ids, images in prompts]
@@ -168,3 +169,99 @@ def _prefill(lm_state, x, valid, *, lm_graphdef):
   lm = nnx.merge(lm_graphdef, lm_state)
   cache, h = lm.prefill(x, valid)
   return cache, lm.logits_from_hidden(h[:, -1])  # left padding: the prompt ends at P - 1
+
+
+# --- command line ---------------------------------------------------------------------
+
+GENERATION_FILE = "generation.json"  # written beside a training run's checkpoints
+
+
+def find_beside(checkpoint: str, name: str) -> str | None:
+  """`name` in the checkpoint folder or its parent (a CheckpointManager root)."""
+  for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
+    path = os.path.join(folder, name)
+    if os.path.exists(path):
+      return path
+  return None
+
+
+def load_tokenizer_for(checkpoint: str, override: str | None = None):
+  if override:
+    return text_lib.load_tokenizer(override)
+  for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
+    try:
+      return text_lib.load_tokenizer(folder)
+    except (ValueError, FileNotFoundError):
+      continue
+  raise ValueError(f"no tokenizer found in {checkpoint} or its parent; pass --tokenizer")
+
+
+def _flags():
+  from absl import flags
+  f = flags
+  f.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint folder.", required=True)
+  f.DEFINE_string("image", None, "Image file (one request).")
+  f.DEFINE_string("prompt", None, "The question (one request).")
+  f.DEFINE_string("requests", None, "JSONL of {\"prompt\", \"image\"?, \"draft\"?} (batch mode).")
+  f.DEFINE_string("output", None, "Where batch mode writes its JSONL results (default stdout).")
+  f.DEFINE_string("tokenizer", None, "Tokenizer file/folder (default: beside the checkpoint).")
+  f.DEFINE_integer("gen_length", 32, "Canvas length L.")
+  f.DEFINE_integer("steps", 32, "Denoising steps over all blocks.")
+  f.DEFINE_integer("block_length", 32, "Block length (divides gen_length).")
+  f.DEFINE_enum("schedule", "shift", ["shift", "linear", "cosine"], "Transfer schedule.")
+  f.DEFINE_float("shift", 1 / 3, "Timestep-shift alpha (the paper's 1/3).")
+  f.DEFINE_boolean("prefix_cache", True, "Prefix KV cache (Prefix-DLM).")
+  f.DEFINE_float("temperature", 0.0, "0: argmax; > 0: Gumbel-max sampling.")
+  f.DEFINE_string("confidence", "low_confidence", "low_confidence|random|margin|entropy.")
+  f.DEFINE_string("draft", None, "Infilling draft: fixed text with <|mdm_mask|> runs.")
+  f.DEFINE_integer("seed", 0, "PRNG seed.")
+  f.DEFINE_integer("batch_size", 8, "Requests per batch in batch mode.")
+  f.DEFINE_string("dtype", "float32", "Parameter dtype.")
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import flags
+  FLAGS = flags.FLAGS
+  import lavida_jax
+  from lavida_jax import evaluate
+
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  if (FLAGS.requests is None) == (FLAGS.prompt is None):
+    raise SystemExit("give either --prompt (with --image) or --requests")
+  model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
+  tokenizer = load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
+  system_prompt = text_lib.SYSTEM_PROMPT
+  gen_file = find_beside(FLAGS.checkpoint, GENERATION_FILE)
+  if gen_file:
+    with open(gen_file) as f:
+      system_prompt = json.load(f).get("system_prompt", system_prompt)
+  cfg = sampler_lib.SamplerConfig(
+      gen_length=FLAGS.gen_length, block_length=FLAGS.block_length, steps=FLAGS.steps,
+      schedule=FLAGS.schedule, alpha=FLAGS.shift, temperature=FLAGS.temperature,
+      confidence=FLAGS.confidence, mask_id=model.cfg.lm.mask_id)
+  gen = Generator(model, tokenizer, cfg, prefix_cache=FLAGS.prefix_cache,
+                  system_prompt=system_prompt)
+  rng = jax.random.key(FLAGS.seed)
+  if FLAGS.prompt is not None:
+    res = gen([Request(FLAGS.prompt, FLAGS.image, FLAGS.draft)], rng)[0]
+    print(res.text)
+    print(f"[nfe={res.nfe} seconds={res.seconds:.2f}]", file=sys.stderr)
+    return
+  with open(FLAGS.requests) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  reqs = [Request(r.get("prompt", ""), r.get("image"), r.get("draft")) for r in rows]
+  results = evaluate.run_generation(gen, reqs, FLAGS.batch_size)
+  out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
+  for row, res in zip(rows, results):
+    out.write(json.dumps({**row, "output": res.text, "nfe": res.nfe, "seconds": res.seconds,
+                          "error": res.error}) + "\n")
+  if FLAGS.output:
+    out.close()
+
+
+if __name__ == "__main__":
+  from absl import app
+  _flags()
+  app.run(main)

@@ -1,81 +1,104 @@
-"""Entry point: python -m lavida_jax.main --config=configs/<name>.py[:args] [--workdir=DIR].
+"""Train (and evaluate) as a config says; resumes from the newest checkpoint in the workdir.
 
-With the default config (configs/cpu_demo.py) it builds a tiny model (or loads
-`--config.checkpoint`), generates a scene of coloured shapes and runs it through
-the whole multimodal forward pass on the mesh the config asks for.
+  python -m lavida_jax.main                                   # configs/cpu_demo.py
+  python -m lavida_jax.main --config=configs/tpu_v4_64.py:model=lavida-llada,stage=2 \
+      --workdir=gs://bucket/run --config.train.steps=20000
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs",
-                               "cpu_demo.py")
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               "configs", "cpu_demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                          "Config file (default: the CPU demo).",
+                                          "Config file[:args] (default: the CPU demo).",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where outputs go (unused by the demo).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics (default: "
+                               "config.workdir).")
 
 
-def run(cfg) -> dict:
-  import jax
-  import numpy as np
-  from flax import nnx
+def make_train_data(cfg, workdir: str):
+  """Tokenizer, special ids and the batch iterator factory; plus held-out QA pairs."""
+  from lavida_jax import evaluate, text
+  from lavida_jax.data import demo, pipeline
+  from lavida_jax.train import TrainData
 
-  import lavida_jax
-  from lavida_jax import image as image_lib
-  from lavida_jax import sharding, text
-  from lavida_jax.data import shapes
-  from lavida_jax.models.lavida import LaViDa, LaViDaConfig, param_count
-
-  mesh = sharding.make_mesh(tuple(cfg.mesh))
-  t0 = time.perf_counter()
-  if cfg.checkpoint:
-    model = lavida_jax.load_pretrained(cfg.checkpoint, dtype=cfg.dtype, mesh=mesh)
+  template = pipeline.template_for(cfg.model.family)
+  if cfg.data.tokenizer == "demo":
+    tok_path = demo.TOKENIZER_PATH
+    tokenizer = demo.demo_tokenizer()
+    specials = demo.demo_special_tokens(template, tokenizer)
   else:
-    mcfg = LaViDaConfig.create(cfg.model, cfg.size)
-    model = sharding.create_sharded(
-        lambda: LaViDa(mcfg, rngs=nnx.Rngs(cfg.seed), param_dtype=cfg.dtype, dtype=cfg.dtype),
-        mesh)
-  load_s = time.perf_counter() - t0
+    if not cfg.data.tokenizer:
+      raise ValueError("config.data.tokenizer is empty: give a tokenizer folder or file")
+    tok_path = cfg.data.tokenizer
+    tokenizer = text.load_tokenizer(tok_path)
+    specials = (text.SpecialTokens.dream() if template == "dream" else text.SpecialTokens.llada())
+  heldout = None
+  if cfg.data.source == "demo":
+    files = demo.generate(os.path.join(workdir, "demo_data"), seed=cfg.train.seed,
+                          num_train=cfg.data.demo_train, num_heldout=cfg.data.demo_heldout,
+                          image_size=cfg.model.image_size)
+    source = pipeline.open_source(files.qa["train"], image_folder=files.image_folder)
+    heldout = evaluate.qa_pairs(demo.read_jsonl(files.qa["heldout"]), files.image_folder)
+  else:
+    source = pipeline.open_source(cfg.data.source, image_folder=cfg.data.image_folder or None)
+  if cfg.eval.data:
+    heldout = evaluate.qa_pairs(evaluate.read_records(cfg.eval.data),
+                                cfg.data.image_folder or None)
+  system_prompt = text.SYSTEM_PROMPT if cfg.data.system_prompt else None
 
-  scene = shapes.sample_scene(np.random.default_rng(cfg.seed), tuple(cfg.image_size))
-  pixels, image_size = image_lib.process_anyres(shapes.render(scene, tuple(cfg.image_size)),
-                                                model.cfg.image)
-  # Token ids of a stand-in prompt: the demo has no trained tokenizer yet, so the
-  # prompt's bytes are mapped into the vocabulary around one <image> marker.
-  vocab = model.cfg.lm.n_embed
-  words = [b % (vocab - 2) for b in cfg.prompt.encode()]
-  ids = np.array([[1, text.IMAGE_TOKEN_ID, *words]])
-  with jax.set_mesh(mesh):
-    t1 = time.perf_counter()
-    logits = jax.block_until_ready(model.logits(ids, [(pixels, image_size)]))
-    first_s = time.perf_counter() - t1
-    t2 = time.perf_counter()
-    logits = jax.block_until_ready(model.logits(ids, [(pixels, image_size)]))
-    second_s = time.perf_counter() - t2
-  n_image = model.layout(pixels, image_size).num_tokens
-  report = dict(family=model.cfg.family, params=param_count(model.cfg),
-                mesh=dict(mesh.shape), scene=shapes.caption(scene), image_size=image_size,
-                views=len(pixels), image_tokens=n_image, logits_shape=tuple(logits.shape),
-                finite=bool(np.isfinite(np.asarray(logits)).all()),
-                load_s=round(load_s, 2), first_call_s=round(first_s, 2),
-                cached_call_s=round(second_s, 3))
-  return report
+  def make_iterator(mcfg):
+    return iter(pipeline.make_dataset(
+        source, mcfg, tokenizer, specials, length=cfg.data.length,
+        global_batch_size=cfg.train.batch_size * cfg.train.grad_accum, seed=cfg.train.seed,
+        template=template, system_prompt=system_prompt, num_workers=cfg.data.num_workers,
+        read_threads=cfg.data.read_threads))
+
+  data = TrainData(tokenizer, specials, tok_path if os.path.isfile(tok_path) else None,
+                   system_prompt, make_iterator)
+  return data, heldout, system_prompt
+
+
+def make_evaluate_fn(cfg, data, heldout, system_prompt):
+  """(model, step) -> exact-match metrics on the held-out questions (the sampler)."""
+  if not heldout:
+    return None
+  from lavida_jax import evaluate, generate
+  from lavida_jax.diffusion.sampler import SamplerConfig
+
+  def run(model, step):
+    e = cfg.eval
+    scfg = SamplerConfig(gen_length=e.gen_length, block_length=e.block_length, steps=e.steps,
+                         schedule=e.schedule, alpha=e.alpha, mask_id=model.cfg.lm.mask_id)
+    gen = generate.Generator(model, data.tokenizer, scfg, prefix_cache=e.prefix_cache,
+                             system_prompt=system_prompt)
+    return evaluate.evaluate(gen, heldout[:e.num_examples], "vqa", e.batch_size)
+
+  return run
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  report = run(_CONFIG.value)
-  width = max(map(len, report))
-  for key, value in report.items():
-    print(f"{key:>{width}}: {value}")
-  if not report["finite"]:
-    raise SystemExit("the forward pass produced non-finite logits")
+  from lavida_jax import train
+
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value or cfg.workdir
+  if not workdir:
+    raise app.UsageError("no workdir: pass --workdir or set config.workdir")
+  data, heldout, system_prompt = make_train_data(cfg, workdir)
+  summary = train.train_and_evaluate(cfg, workdir, data,
+                                     make_evaluate_fn(cfg, data, heldout, system_prompt))
+  print(json.dumps(summary, indent=1, default=str))
+  print(f"\ncheckpoint: {summary['checkpoint']}\n"
+        f"generate:   python -m lavida_jax.generate --checkpoint={summary['checkpoint']} "
+        f"--image=IMAGE.png --prompt=\"What colour is the circle?\"")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,83 @@
+"""Defaults shared by every setup; each config file starts from `base()` and edits it."""
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+  """'model=lavida-llada,stage=2' -> dict, refusing unknown keys."""
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep or key not in defaults:
+      raise ValueError(f"unknown config argument {item!r}; expected key=value with key in "
+                       f"{sorted(defaults)}")
+    out[key] = type(defaults[key])(value) if defaults[key] is not None else value
+  return out
+
+
+def base(model: str = "lavida-llada", stage: int = 2) -> ml_collections.ConfigDict:
+  if model not in ("lavida-llada", "lavida-dream", "llada-v"):
+    raise ValueError(f"unknown model {model!r}; expected lavida-llada, lavida-dream or llada-v")
+  if stage not in (1, 2, 3):
+    raise ValueError(f"unknown stage {stage}; expected 1, 2 or 3 (FIM)")
+  c = ml_collections.ConfigDict()
+  c.workdir = ""
+  c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 = the remaining devices
+  c.log_every = 10
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = model
+  c.model.size = "full"  # full | tiny
+  c.model.image_size = 384
+  c.model.anyres = stage != 1  # stage 1: one 384² view, 729 tokens, no newline
+  c.model.init = ""  # a Hugging Face or Orbax folder to start from
+  c.model.lm = ml_collections.ConfigDict()  # LMConfig field overrides
+  c.model.vision = ml_collections.ConfigDict()  # SiglipConfig field overrides
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = ""  # a tfds data_dir, a LLaVA JSON/JSONL file, or "demo"
+  c.data.image_folder = ""
+  c.data.tokenizer = ""  # a tokenizer folder/file; "demo": the shipped demo tokenizer
+  c.data.length = 8192 if stage == 1 else 4096
+  c.data.system_prompt = True  # the LaViDa system prompt in every example
+  c.data.num_workers = 0
+  c.data.read_threads = 2
+
+  c.train = ml_collections.ConfigDict()
+  c.train.stage = stage
+  c.train.steps = 1000
+  c.train.batch_size = 256 if stage == 1 else 128  # global
+  c.train.grad_accum = 1
+  c.train.lr = ml_collections.ConfigDict(
+      dict(vision=2e-6, projector=2e-5, lm=2e-5) if stage != 1 else
+      dict(vision=0.0, projector=1e-3, lm=0.0))
+  c.train.warmup_ratio = 0.03
+  c.train.final_ratio = 0.0 if stage == 1 else 0.1
+  c.train.weight_decay = 0.0
+  c.train.clip_norm = 1.0
+  c.train.masking = "iid" if model == "llada-v" else "complementary"
+  c.train.weighting = "inv_t" if model == "llada-v" else "none"
+  c.train.normalize = "per_sequence" if model == "llada-v" else "tokens"
+  c.train.eps = 1e-3
+  c.train.vocab_chunk = 8192
+  c.train.capacity = 0  # gathered masked positions per step; 0: every position
+  c.train.remat = "full"
+  c.train.param_dtype = "float32"
+  c.train.compute_dtype = "bfloat16"
+  c.train.seed = 0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0  # steps; 0: only at the end
+  c.eval.data = ""  # held-out LLaVA JSON/JSONL ("" with data.source=demo: its held-out split)
+  c.eval.num_examples = 200
+  c.eval.batch_size = 16
+  c.eval.gen_length = 32
+  c.eval.block_length = 32
+  c.eval.steps = 32
+  c.eval.schedule = "shift"
+  c.eval.alpha = 1 / 3
+  c.eval.prefix_cache = True
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 500
+  c.checkpoint.keep = 3
+  return c

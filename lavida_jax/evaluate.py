@@ -1,0 +1,111 @@
+"""Evaluation: short-answer VQA, multiple choice, captioning, constraints (SPEC §11).
+
+Every figure comes with the number of forward passes (NFE) and seconds per
+sample. Records are LLaVA-format (`{"image", "conversations": [human, gpt]}`),
+scored against the first gpt turn.
+
+CLI: python -m lavida_jax.evaluate --checkpoint=DIR --task=vqa --data=heldout.jsonl
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import time
+from typing import Sequence
+
+import numpy as np
+
+from lavida_jax import generate
+
+TASKS = ("vqa", "multiple_choice", "caption", "constraints")
+
+
+def normalize_answer(s: str) -> str:
+  """Lower case, no punctuation, no articles, single spaces (VQA-style)."""
+  s = s.lower().strip()
+  s = "".join(ch for ch in s if ch not in set(string.punctuation))
+  s = re.sub(r"\b(a|an|the)\b", " ", s)
+  return " ".join(s.split())
+
+
+def choice_letter(s: str) -> str | None:
+  """The first standalone option letter A-Z in an answer ('B', '(b)', 'B. cat')."""
+  m = re.search(r"\b([A-Za-z])\b", s.strip())
+  return m.group(1).upper() if m else None
+
+
+def qa_pairs(records, image_folder: str | None = None):
+  """LLaVA records -> (Request, reference answer) pairs (first QA turn)."""
+  out = []
+  for r in records:
+    conv = r["conversations"]
+    question, answer = conv[0]["value"], conv[1]["value"]
+    image = r.get("image")
+    if image is not None and image_folder and not os.path.isabs(image):
+      image = os.path.join(image_folder, image)
+    out.append((generate.Request(question, image), answer))
+  return out
+
+
+def run_generation(generator: generate.Generator, requests: Sequence[generate.Request],
+                   batch_size: int = 8) -> list[generate.Result]:
+  """Batches of requests; a bad request gets its error and the rest go on."""
+  results = []
+  for i in range(0, len(requests), batch_size):
+    chunk = requests[i:i + batch_size]
+    try:
+      results += generator(chunk)
+    except (ValueError, OSError) as e:  # retry one by one to isolate the bad request
+      for r in chunk:
+        try:
+          results += generator([r])
+        except (ValueError, OSError) as err:
+          results.append(generate.Result("", [], 0, 0.0, error=str(err)))
+  return results
+
+
+def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict:
+  if task == "vqa":
+    hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
+    return {"exact_match": float(np.mean(hits)) if hits else 0.0}
+  if task == "multiple_choice":
+    hits = [choice_letter(p) == choice_letter(r) for p, r in zip(predictions, references)]
+    return {"accuracy": float(np.mean(hits)) if hits else 0.0}
+  if task == "caption":
+    return caption_scores(predictions, references)
+  raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dict:
+  """CIDEr and BLEU-4 with pycocoevalcap (whitespace/punctuation tokenizer, no Java)."""
+  from pycocoevalcap.bleu.bleu import Bleu  # pylint: disable=g-import-not-at-top
+  from pycocoevalcap.cider.cider import Cider  # pylint: disable=g-import-not-at-top
+  tok = lambda s: " ".join(normalize_answer(s).split()) or "empty"
+  res = {i: [tok(p)] for i, p in enumerate(predictions)}
+  gts = {i: [tok(r)] if isinstance(r, str) else [tok(x) for x in r]
+         for i, r in enumerate(references)}
+  cider, _ = Cider().compute_score(gts, res)
+  bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+  return {"cider": float(cider), "bleu4": float(bleu[3])}
+
+
+def evaluate(generator: generate.Generator, pairs, task: str = "vqa",
+             batch_size: int = 8) -> dict:
+  """-> {metric..., n, errors, nfe, seconds_per_sample} (and per-sample outputs)."""
+  t0 = time.perf_counter()
+  results = run_generation(generator, [r for r, _ in pairs], batch_size)
+  ok = [(res, ref) for res, (_, ref) in zip(results, pairs) if res.error is None]
+  metrics = score(task, [r.text for r, _ in ok], [ref for _, ref in ok])
+  metrics.update(n=len(ok), errors=len(results) - len(ok),
+                 nfe=float(np.mean([r.nfe for r, _ in ok])) if ok else 0.0,
+                 seconds_per_sample=(time.perf_counter() - t0) / max(len(pairs), 1))
+  return metrics
+
+
+def read_records(path: str) -> list[dict]:
+  with open(path) as f:
+    if path.endswith(".jsonl"):
+      return [json.loads(line) for line in f if line.strip()]
+    return json.load(f)

@@ -1,0 +1,266 @@
+"""The training loop: sharded state, one jitted step, checkpoints, evaluation (SPEC §6, §9).
+
+One loop for every scale: a single CPU is a mesh of one. The state is created
+directly sharded (`jit` with out_shardings), the step is jitted once with
+in/out shardings and donation, and an Orbax CheckpointManager keeps the newest
+`keep` steps under WORKDIR/checkpoints/<step>/ with the items
+  params     the whole model (`nnx.to_pure_dict`), readable by load_pretrained/export
+  opt_state  optimizer state of the trained groups
+  data       the grain iterator state (resume reproduces the next batches)
+  meta       step, the PRNG key data, skip counts
+A run resumes from the newest complete checkpoint; SIGTERM saves and exits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import signal
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lavida_jax import optimizer, sharding, text, train_step
+from lavida_jax.checkpoint import hf
+from lavida_jax.metrics import MetricWriter, Progress
+from lavida_jax.models.lavida import LaViDa, LaViDaConfig
+
+STAGE_GROUPS = {1: ("projector",), 2: ("vision", "projector", "lm"),
+                3: ("vision", "projector", "lm")}
+
+
+@dataclasses.dataclass
+class TrainData:
+  tokenizer: text.Tokenizer
+  specials: text.SpecialTokens
+  tokenizer_path: str | None  # copied beside the checkpoints
+  system_prompt: str | None
+  make_iterator: Callable[[LaViDaConfig], object]  # -> grain DatasetIterator of host batches
+
+
+# --- model and state -------------------------------------------------------------------
+
+def model_config(cfg, specials: text.SpecialTokens, vocab: int) -> LaViDaConfig:
+  """LaViDaConfig from the config's model block; ids and vocabulary from the tokenizer."""
+  m = cfg.model
+  mc = LaViDaConfig.create(m.family, m.size, image_size=m.image_size)
+  lm = dataclasses.replace(mc.lm, mask_id=specials.mask_id, eos_id=specials.eos_id,
+                           **({"vocab_size": vocab} if m.size == "tiny" else {}),
+                           remat=cfg.train.remat, **dict(m.get("lm", {})))
+  vision = dataclasses.replace(mc.vision, remat=cfg.train.remat, **dict(m.get("vision", {})))
+  conn = dataclasses.replace(mc.connector, vision_dim=vision.width, lm_dim=lm.d_model)
+  image = dataclasses.replace(mc.image, anyres=m.anyres)
+  conn = dataclasses.replace(conn, anyres=m.anyres,
+                             pool_mode=conn.pool_mode if m.anyres else None)
+  return dataclasses.replace(mc, lm=lm, vision=vision, connector=conn, image=image)
+
+
+def step_config(cfg, mcfg: LaViDaConfig, tokenizer) -> train_step.StepConfig:
+  t = cfg.train
+  fim = tuple(i for i in (tokenizer.token_to_id("[FIM]"),) if i is not None) if t.stage == 3 else ()
+  return train_step.StepConfig(
+      mask_id=mcfg.lm.mask_id, shifted_logits=mcfg.lm.shifted_logits, masking=t.masking,
+      eps=t.eps, weighting=t.weighting, normalize=t.normalize, fim_ids=fim,
+      vocab_chunk=t.vocab_chunk, capacity=t.capacity or None, grad_accum=t.grad_accum)
+
+
+def init_model(cfg, mcfg: LaViDaConfig, mesh) -> LaViDa:
+  dtype = jnp.dtype(cfg.train.param_dtype)
+  compute = jnp.dtype(cfg.train.compute_dtype)
+  if cfg.model.init:
+    import lavida_jax
+    return lavida_jax.load_pretrained(cfg.model.init, dtype=dtype, mesh=mesh)
+  return sharding.create_sharded(
+      lambda: LaViDa(mcfg, rngs=nnx.Rngs(cfg.train.seed), param_dtype=dtype, dtype=compute),
+      mesh)
+
+
+def init_state(model: LaViDa, groups, tx, seed: int, mesh):
+  """-> (graphdef, state, state shardings); the optimizer state is made sharded too."""
+  graphdef, params, frozen = train_step.split_params(model, groups)
+  shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+  opt_state = jax.jit(tx.init)(params)
+  rep = NamedSharding(mesh, P())
+  state = dict(step=jax.device_put(jnp.int32(0), rep), params=params, frozen=frozen,
+               opt_state=opt_state, rng=jax.device_put(jax.random.key(seed), rep))
+  shardings = dict(step=rep, params=shard(params), frozen=shard(frozen),
+                   opt_state=shard(opt_state), rng=rep)
+  return graphdef, state, shardings
+
+
+def merge_params(state) -> dict:
+  """The whole model's params (trained + frozen groups) as one pure dict."""
+  return {**state["frozen"], **state["params"]}
+
+
+# --- checkpoints -----------------------------------------------------------------------
+
+class Checkpoints:
+  """Orbax CheckpointManager over WORKDIR/checkpoints (async, keep-N, atomic)."""
+
+  def __init__(self, workdir: str, keep: int, hf_config: dict | None, tokenizer_path=None,
+               generation: dict | None = None):
+    self.root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    self.manager = ocp.CheckpointManager(
+        self.root, item_names=("params", "opt_state", "data", "meta"), options=options)
+    if jax.process_index() == 0 and hf_config is not None:
+      # config.json and the tokenizer sit beside the step folders (checkpoint/orbax.py).
+      with open(os.path.join(self.root, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=1)
+      if tokenizer_path and os.path.isfile(tokenizer_path):
+        shutil.copy(tokenizer_path, self.root)
+      with open(os.path.join(self.root, "generation.json"), "w") as f:
+        json.dump(generation or {}, f)  # how prompts were built (read by generate)
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, state, data_state, extra: dict, force: bool = False) -> None:
+    step = int(state["step"])
+    meta = dict(step=step, rng=np.asarray(jax.random.key_data(state["rng"])).tolist(), **extra)
+    self.manager.save(step, force=force, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(merge_params(state)),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, step: int, state, shardings):
+    """Restores onto the shardings of the freshly built `state` (any mesh)."""
+    abstract = lambda tree, sh: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
+    params_sh = {**shardings["frozen"], **shardings["params"]}
+    out = self.manager.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(abstract(merge_params(state), params_sh)),
+        opt_state=ocp.args.StandardRestore(abstract(state["opt_state"],
+                                                    shardings["opt_state"])),
+        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    params = out["params"]
+    rng = jax.random.wrap_key_data(jnp.asarray(out["meta"]["rng"], jnp.uint32))
+    new = dict(step=jax.device_put(jnp.int32(out["meta"]["step"]), shardings["step"]),
+               params={k: params[k] for k in state["params"]},
+               frozen={k: params[k] for k in state["frozen"]},
+               opt_state=out["opt_state"], rng=jax.device_put(rng, shardings["rng"]))
+    return new, out["data"], out["meta"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+class Preemption:
+  """SIGTERM (TPU maintenance, preemption) -> save at the next step boundary and stop."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+def make_step(graphdef, tx, sc, schedules, shardings, batch_sharding):
+  step = functools.partial(train_step.train_step, graphdef=graphdef, tx=tx, sc=sc,
+                           schedules=schedules)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, None), donate_argnums=0)
+
+
+def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
+  """Trains as `cfg` says; resumes from WORKDIR's newest checkpoint.
+
+  data: a `TrainData` (tokenizer, its special ids and file, and the batch iterator).
+  evaluate_fn: optional (model, step) -> metrics dict, run every cfg.eval.every steps
+    and at the end.
+  Returns the final summary (step, last loss, eval metrics, wall time).
+  """
+  t_start = time.perf_counter()
+  mesh = sharding.make_mesh(tuple(cfg.mesh))
+  mcfg = model_config(cfg, data.specials, len(data.tokenizer))
+  sc = step_config(cfg, mcfg, data.tokenizer)
+  groups = STAGE_GROUPS[cfg.train.stage]
+  lrs = {g: cfg.train.lr[g] for g in groups}
+  tx, schedules = optimizer.make_optimizer(
+      lrs, cfg.train.steps, warmup_ratio=cfg.train.warmup_ratio,
+      final_ratio=cfg.train.final_ratio, weight_decay=cfg.train.weight_decay,
+      clip_norm=cfg.train.clip_norm)
+  model = init_model(cfg, mcfg, mesh)  # (eval_shape must not run under set_mesh)
+  graphdef, state, shardings = init_state(model, groups, tx, cfg.train.seed, mesh)
+  del model
+  ckpts = Checkpoints(workdir, cfg.checkpoint.keep, hf.config_to_hf(mcfg), data.tokenizer_path,
+                      {"system_prompt": data.system_prompt})
+  it = data.make_iterator(mcfg)
+  start = ckpts.latest()
+  if start is not None:
+    state, data_state, meta = ckpts.restore(start, state, shardings)
+    it.set_state(data_state)
+    print(f"resumed from {ckpts.root}/{start}")
+  batch_spec = P(dict(sharding.DEFAULT_RULES)["batch"])
+  batch_sharding = NamedSharding(mesh, batch_spec)
+  run = make_step(graphdef, tx, sc, schedules, shardings, batch_sharding)
+  writer = MetricWriter(workdir)
+  first = logged = int(state["step"])
+  progress = Progress(cfg.train.steps, first)
+  preempt = Preemption()
+  summary, metrics, evals = {}, None, {}
+  from lavida_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  try:
+    with jax.set_mesh(mesh):
+      for step in range(first, cfg.train.steps):
+        batch = pipeline.global_batch(next(it), mesh, batch_spec)
+        state, metrics = run(state, batch)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.train.steps:
+          host = jax.device_get(metrics)
+          tokens = (done - logged) * int(np.prod(batch["input_ids"].shape))
+          tok_s = progress.update(done - logged, float(host["loss"]), tokens)
+          logged = done
+          writer.write(done, {**host, "tokens_per_s": tok_s,
+                              **{f"skipped/{k}": v for k, v in it.skipped.items()}})
+        if evaluate_fn and cfg.eval.every and done % cfg.eval.every == 0 \
+            and done != cfg.train.steps:
+          evals = evaluate_fn(_model(graphdef, state), done)
+          writer.write(done, evals, prefix="eval/")
+        if done % cfg.checkpoint.every == 0 or preempt.requested:
+          ckpts.save(state, it.get_state(), {"skipped": it.skipped}, force=preempt.requested)
+        if preempt.requested:
+          ckpts.wait()
+          print(f"SIGTERM: saved step {done} to {ckpts.root}; exiting")
+          summary["preempted_at"] = done
+          break
+      else:
+        if ckpts.latest() != int(state["step"]):
+          ckpts.save(state, it.get_state(), {"skipped": it.skipped}, force=True)
+        if evaluate_fn:
+          evals = evaluate_fn(_model(graphdef, state), int(state["step"]))
+          writer.write(int(state["step"]), evals, prefix="eval/")
+    ckpts.wait()
+  finally:
+    preempt.restore()
+    progress.close()
+    writer.close()
+    ckpts.close()
+    if hasattr(it, "close"):
+      it.close()
+  summary.update(step=int(state["step"]), checkpoint=os.path.join(ckpts.root, str(int(state["step"]))),
+                 loss=float(metrics["loss"]) if metrics is not None else None,
+                 skipped=it.skipped, wall_s=round(time.perf_counter() - t_start, 1), **evals)
+  return summary
+
+
+def _model(graphdef, state) -> LaViDa:
+  return nnx.merge(graphdef, nnx.State(state["params"]), nnx.State(state["frozen"]))
