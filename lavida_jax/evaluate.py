@@ -37,15 +37,24 @@ def choice_letter(s: str) -> str | None:
 
 
 def qa_pairs(records, image_folder: str | None = None):
-  """LLaVA records -> (Request, reference answer) pairs (first QA turn)."""
+  """Records -> (Request, reference) pairs.
+
+  LLaVA records (`conversations`: the first human turn is the question, the first
+  gpt turn the reference) or flat ones (`prompt`, `answer` or `references`, and
+  for constraints a `draft`, which is then the reference).
+  """
   out = []
   for r in records:
-    conv = r["conversations"]
-    question, answer = conv[0]["value"], conv[1]["value"]
+    if "conversations" in r:
+      conv = r["conversations"]
+      question, answer = conv[0]["value"], conv[1]["value"]
+    else:
+      question = r["prompt"]
+      answer = r.get("draft") or r.get("references") or r.get("answer")
     image = r.get("image")
     if image is not None and image_folder and not os.path.isabs(image):
       image = os.path.join(image_folder, image)
-    out.append((generate.Request(question, image), answer))
+    out.append((generate.Request(question, image, r.get("draft")), answer))
   return out
 
 
@@ -66,6 +75,31 @@ def run_generation(generator: generate.Generator, requests: Sequence[generate.Re
   return results
 
 
+def constraint_segments(draft: str, mask_token: str = "<|mdm_mask|>",
+                        fim_token: str = "[FIM]") -> list[str]:
+  """The fixed text pieces of an infilling draft, in order (its constraints)."""
+  pieces = re.split(f"(?:{re.escape(mask_token)}|{re.escape(fim_token)})+", draft)
+  return [p.strip() for p in pieces if p.strip()]
+
+
+def constraint_scores(outputs: Sequence[str], drafts: Sequence[str]) -> dict:
+  """Sentence level: the fraction of a draft's fixed pieces found in order in the
+  output; sample level: the fraction of outputs meeting every constraint."""
+  per_piece, per_sample = [], []
+  for out, draft in zip(outputs, drafts):
+    pos, ok = 0, []
+    norm_out = " ".join(out.split())
+    for piece in constraint_segments(draft):
+      at = norm_out.find(" ".join(piece.split()), pos)
+      ok.append(at >= 0)
+      if at >= 0:
+        pos = at + len(piece)
+    per_piece += ok
+    per_sample.append(all(ok))
+  return {"constraint_sentence": float(np.mean(per_piece)) if per_piece else 0.0,
+          "constraint_sample": float(np.mean(per_sample)) if per_sample else 0.0}
+
+
 def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> dict:
   if task == "vqa":
     hits = [normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references)]
@@ -75,6 +109,8 @@ def score(task: str, predictions: Sequence[str], references: Sequence[str]) -> d
     return {"accuracy": float(np.mean(hits)) if hits else 0.0}
   if task == "caption":
     return caption_scores(predictions, references)
+  if task == "constraints":  # references are the drafts
+    return constraint_scores(predictions, references)
   raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
@@ -109,3 +145,51 @@ def read_records(path: str) -> list[dict]:
     if path.endswith(".jsonl"):
       return [json.loads(line) for line in f if line.strip()]
     return json.load(f)
+
+
+def main(argv):
+  from absl import flags
+  FLAGS = flags.FLAGS
+  import jax
+
+  import lavida_jax
+  from lavida_jax.diffusion.sampler import SamplerConfig
+
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
+  tokenizer = generate.load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
+  system_prompt = generate.system_prompt_for(FLAGS.checkpoint)
+  pairs = qa_pairs(read_records(FLAGS.data), FLAGS.image_folder)[:FLAGS.num_examples or None]
+  report = {}
+  for steps in map(int, FLAGS.steps):
+    cfg = SamplerConfig(gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
+                        steps=steps, schedule=FLAGS.schedule, alpha=FLAGS.shift,
+                        mask_id=model.cfg.lm.mask_id)
+    gen = generate.Generator(model, tokenizer, cfg, FLAGS.prefix_cache, system_prompt)
+    report[f"steps={steps}"] = evaluate(gen, pairs, FLAGS.task, FLAGS.batch_size)
+  print(json.dumps(report, indent=1))
+
+
+def _flags():
+  from absl import flags
+  flags.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint.", required=True)
+  flags.DEFINE_enum("task", "vqa", list(TASKS), "What to score.")
+  flags.DEFINE_string("data", None, "Records (JSON/JSONL).", required=True)
+  flags.DEFINE_string("image_folder", None, "Root of relative image paths.")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer (default: beside the checkpoint).")
+  flags.DEFINE_integer("num_examples", 0, "0: all.")
+  flags.DEFINE_integer("batch_size", 8, "Requests per batch.")
+  flags.DEFINE_integer("gen_length", 32, "Canvas length.")
+  flags.DEFINE_integer("block_length", 32, "Block length.")
+  flags.DEFINE_list("steps", ["32"], "Step counts to evaluate (NFE sweep).")
+  flags.DEFINE_enum("schedule", "shift", ["shift", "linear", "cosine"], "Schedule.")
+  flags.DEFINE_float("shift", 1 / 3, "Timestep-shift alpha.")
+  flags.DEFINE_boolean("prefix_cache", True, "Prefix KV cache.")
+  flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
+
+
+if __name__ == "__main__":
+  from absl import app
+  _flags()
+  app.run(main)

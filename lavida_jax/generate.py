@@ -196,6 +196,15 @@ def load_tokenizer_for(checkpoint: str, override: str | None = None):
   raise ValueError(f"no tokenizer found in {checkpoint} or its parent; pass --tokenizer")
 
 
+def system_prompt_for(checkpoint: str) -> str | None:
+  """The system prompt a training run used (generation.json), else LaViDa's."""
+  path = find_beside(checkpoint, GENERATION_FILE)
+  if path:
+    with open(path) as f:
+      return json.load(f).get("system_prompt", text_lib.SYSTEM_PROMPT)
+  return text_lib.SYSTEM_PROMPT
+
+
 def _flags():
   from absl import flags
   f = flags
@@ -232,11 +241,7 @@ def main(argv):
     raise SystemExit("give either --prompt (with --image) or --requests")
   model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
   tokenizer = load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
-  system_prompt = text_lib.SYSTEM_PROMPT
-  gen_file = find_beside(FLAGS.checkpoint, GENERATION_FILE)
-  if gen_file:
-    with open(gen_file) as f:
-      system_prompt = json.load(f).get("system_prompt", system_prompt)
+  system_prompt = system_prompt_for(FLAGS.checkpoint)
   cfg = sampler_lib.SamplerConfig(
       gen_length=FLAGS.gen_length, block_length=FLAGS.block_length, steps=FLAGS.steps,
       schedule=FLAGS.schedule, alpha=FLAGS.shift, temperature=FLAGS.temperature,
