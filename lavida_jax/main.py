@@ -20,6 +20,22 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics (default: "
                                "config.workdir).")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 for multi-process runs off TPU "
+    "(e.g. several CPU processes on one machine); TPU pods are detected by themselves.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed for multi-host runs: explicit coordinator, or a TPU pod's own."""
+  import jax
+  if _COORDINATOR.value:
+    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost"):
+    jax.distributed.initialize()
 
 
 def make_train_data(cfg, workdir: str):
@@ -41,10 +57,11 @@ def make_train_data(cfg, workdir: str):
     specials = (text.SpecialTokens.dream() if template == "dream" else text.SpecialTokens.llada())
   heldout = None
   if cfg.data.source == "demo":
-    files = demo.generate(os.path.join(workdir, "demo_data"), seed=cfg.train.seed,
-                          num_train=cfg.data.demo_train, num_heldout=cfg.data.demo_heldout,
-                          image_size=cfg.model.image_size)
-    source = pipeline.open_source(files.qa["train"], image_folder=files.image_folder)
+    files, data_dir = demo.prepare(os.path.join(workdir, "demo_data"), seed=cfg.train.seed,
+                                   num_train=cfg.data.demo_train,
+                                   num_heldout=cfg.data.demo_heldout,
+                                   image_size=cfg.model.image_size)
+    source = pipeline.open_source(data_dir, "train")  # the tfds ArrayRecord copy
     heldout = evaluate.qa_pairs(demo.read_jsonl(files.qa["heldout"]), files.image_folder)
   else:
     source = pipeline.open_source(cfg.data.source, image_folder=cfg.data.image_folder or None)
@@ -86,6 +103,7 @@ def make_evaluate_fn(cfg, data, heldout, system_prompt):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  initialize_distributed()
   from lavida_jax import train
 
   cfg = _CONFIG.value
