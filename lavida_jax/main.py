@@ -31,7 +31,7 @@ def initialize_distributed() -> None:
   """jax.distributed for multi-host runs: explicit coordinator, or a TPU pod's own."""
   import jax
   if _COORDINATOR.value:
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
+    if os.environ.get("JAX_PLATFORMS") == "cpu":  # (no backend query before initialize)
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost"):
