@@ -165,7 +165,8 @@ def write_params(directory: str, leaves: dict[str, Streamed], chunk_bytes: int =
   """Saves {'a/b/c': Streamed} as the Orbax PyTree item `directory` (must not exist)."""
   tree = unflatten(leaves)
   registry = ocp.type_handlers.create_type_handler_registry(
-      (Streamed, _StreamedHandler(inflight_bytes)), (np.ndarray, ocp.type_handlers.NumpyHandler()),
+      (Streamed, _StreamedHandler(inflight_bytes)),
+      (np.ndarray, ocp.type_handlers.NumpyHandler()),
       (jax.Array, ocp.type_handlers.ArrayHandler()))
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
@@ -173,10 +174,12 @@ def write_params(directory: str, leaves: dict[str, Streamed], chunk_bytes: int =
     ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree, save_args=save_args))
 
 
-def save_model(model: nnx.Module, directory: str, hf_config: dict):
+def save_model(model: nnx.Module, directory: str, hf_config: dict | None):
   """An in-memory model -> DIR/params + config.json + lavida_jax.json (DIR must not exist).
 
-  For small models and tests; `lavida_jax.convert` streams instead.
+  hf_config: config.json contents (e.g. hf.config_to_hf(cfg)); None writes none (a
+  training workdir keeps one config.json beside its step folders). For small models
+  and tests; `lavida_jax.convert` streams instead.
   """
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   os.makedirs(directory)
