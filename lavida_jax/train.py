@@ -87,8 +87,11 @@ def init_state(model: LaViDa, groups, tx, seed: int, mesh):
   """-> (graphdef, state, state shardings); the optimizer state is made sharded too."""
   graphdef, params, frozen = train_step.split_params(model, groups)
   shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-  opt_state = jax.jit(tx.init)(params)
   rep = NamedSharding(mesh, P())
+  # mu/nu follow their params' shardings; scalar counts come back on one device.
+  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
+  opt_state = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, rep),
+                           jax.jit(tx.init)(params))
   state = dict(step=jax.device_put(jnp.int32(0), rep), params=params, frozen=frozen,
                opt_state=opt_state, rng=jax.device_put(jax.random.key(seed), rep))
   shardings = dict(step=rep, params=shard(params), frozen=shard(frozen),
