@@ -85,3 +85,9 @@ def tiny_tokenizer(tmp_path_factory):
   folder = tmp_path_factory.mktemp("tiny_tokenizer")
   tok.save(str(folder / "tokenizer.json"))
   return text.load_tokenizer(str(folder))
+
+
+# Identical programs compiled by several tests (and xdist workers) are compiled once.
+jax.config.update("jax_compilation_cache_dir",
+                  os.path.join(os.environ.get("TMPDIR", "/tmp"), "lavida_jax_jit_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -165,7 +165,8 @@ def config_from_hf(raw: dict, ckpt: Checkpoint | None = None, where: str = "chec
         head_dim=raw.get("head_dim") or need("hidden_size") // n_heads,
         mlp_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
         rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=need("rms_norm_eps"),
-        **({"mask_id": raw["mask_token_id"]} if raw.get("mask_token_id") is not None else {}))
+        **({"mask_id": raw["mask_token_id"]} if raw.get("mask_token_id") is not None else {}),
+        **({"eos_id": raw["eos_token_id"]} if isinstance(raw.get("eos_token_id"), int) else {}))
   if ckpt is not None:  # the input embedding may be narrower than the head (SPEC §13)
     embed_key = [r for r in KEY_TABLES[family] if r[1] == "lm/embed"][0][0]
     if embed_key in ckpt and ckpt.shape(embed_key)[0] != lm.vocab_size:
