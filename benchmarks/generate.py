@@ -21,7 +21,6 @@ import time
 import jax
 import numpy as np
 from flax import nnx
-from PIL import Image
 
 from lavida_jax import generate
 from lavida_jax.data import demo, shapes

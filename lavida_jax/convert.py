@@ -34,7 +34,7 @@ import numpy as np
 from lavida_jax.checkpoint import export
 from lavida_jax.checkpoint import hf
 from lavida_jax.checkpoint import orbax as orbax_lib
-from lavida_jax.checkpoint.shards import DTYPES, Checkpoint, CheckpointError
+from lavida_jax.checkpoint.shards import Checkpoint, CheckpointError
 
 # Files copied alongside the weights, both ways.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -131,38 +131,13 @@ def copy_side_files(src_folders, dst: str, config_path: str | None, dtype=None) 
 
 # --- HF -> Orbax ------------------------------------------------------------------------
 
-def _read(ckpt: Checkpoint, name: str) -> np.ndarray:
-  """One tensor with plain reads (no memory map: mapped pages would count as resident)."""
-  sf = ckpt._where[name]  # the shard holding `name`
-  info = sf.header[name]
-  if info["dtype"] not in DTYPES:
-    raise CheckpointError(f"{sf.path}: tensor {name} has unsupported dtype {info['dtype']}")
-  dtype = np.dtype(DTYPES[info["dtype"]])
-  begin, end = info["data_offsets"]
-  out = np.empty(info["shape"], dtype)
-  if end - begin != out.nbytes:
-    raise CheckpointError(f"{sf.path}: tensor {name} has {end - begin} bytes, expected shape "
-                          f"{info['shape']} of {info['dtype']}")
-  buf, done, fd = memoryview(out.reshape(-1).view(np.uint8)), 0, sf._file.fileno()
-  while done < out.nbytes:
-    n = os.preadv(fd, [buf[done:done + (1 << 30)]], sf._start + begin + done)
-    if n <= 0:
-      raise CheckpointError(f"{sf.path} is truncated: tensor {name} ends past the file")
-    done += n
-  return out
-
-
 def _source_dtype(ckpt: Checkpoint, names) -> np.dtype:
-  codes = {ckpt._where[n].header[n]["dtype"] for n in names}
-  bad = codes - set(DTYPES)
-  if bad:
-    raise CheckpointError(f"tensor {names[0]} has unsupported dtype {sorted(bad)[0]}")
-  return np.result_type(*[np.dtype(DTYPES[c]) for c in codes])
+  return np.result_type(*[ckpt.dtype(n) for n in names])
 
 
 def _hf_blocks(ckpt, names, transform, layer_shape, dtype, stacked):
   for i, name in enumerate(names):
-    x = hf.TO_OURS[transform](_read(ckpt, name), layer_shape).astype(dtype, copy=False)
+    x = hf.TO_OURS[transform](ckpt.get(name), layer_shape).astype(dtype, copy=False)
     yield (i if stacked else ()), x
     del x
 

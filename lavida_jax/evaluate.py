@@ -66,7 +66,7 @@ def run_generation(generator: generate.Generator, requests: Sequence[generate.Re
     chunk = requests[i:i + batch_size]
     try:
       results += generator(chunk)
-    except (ValueError, OSError) as e:  # retry one by one to isolate the bad request
+    except (ValueError, OSError):  # retry one by one to isolate the bad request
       for r in chunk:
         try:
           results += generator([r])
@@ -150,8 +150,6 @@ def read_records(path: str) -> list[dict]:
 def main(argv):
   from absl import flags
   FLAGS = flags.FLAGS
-  import jax
-
   import lavida_jax
   from lavida_jax.diffusion.sampler import SamplerConfig
 

@@ -1,5 +1,4 @@
 """Scoring rules and the evaluation loop (with a stand-in generator of known outputs)."""
-import numpy as np
 import pytest
 
 from lavida_jax import evaluate, generate

@@ -1,7 +1,5 @@
 """Model-side generation: prefix cache vs full forward, Dream's shift, batching."""
-import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

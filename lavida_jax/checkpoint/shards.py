@@ -1,14 +1,14 @@
 """Reading safetensors checkpoints tensor by tensor (single file or sharded).
 
 The format is an 8-byte little-endian header length, a JSON header
-{name: {dtype, shape, data_offsets}}, then raw bytes. Tensors are read from a
-memory map one at a time, so only the tensor in hand is ever in host memory;
+{name: {dtype, shape, data_offsets}}, then raw bytes. Tensors are read one at
+a time with plain positional reads (not a memory map, whose touched pages
+would count as resident), so only the tensor in hand is ever in host memory;
 bf16 arrives as `ml_dtypes.bfloat16` without a float32 detour.
 """
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import struct
 
@@ -53,7 +53,6 @@ class SafetensorsFile:
       raise CheckpointError(f"{path} is truncated: its header needs {self._start + end} "
                             f"bytes, the file has {size}")
     self.header = header
-    self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if size else None
 
   def keys(self):
     return self.header.keys()
@@ -61,22 +60,29 @@ class SafetensorsFile:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.header[key]["shape"])
 
+  def dtype(self, key: str) -> np.dtype:
+    code = self.header[key]["dtype"]
+    if code not in DTYPES:
+      raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {code}")
+    return np.dtype(DTYPES[code])
+
   def get(self, key: str) -> np.ndarray:
     info = self.header[key]
-    if info["dtype"] not in DTYPES:
-      raise CheckpointError(f"{self.path}: tensor {key} has unsupported dtype {info['dtype']}")
     begin, end = info["data_offsets"]
-    dtype = np.dtype(DTYPES[info["dtype"]])
-    count = (end - begin) // dtype.itemsize
-    if count != int(np.prod(info["shape"])):
+    out = np.empty(info["shape"], self.dtype(key))
+    if end - begin != out.nbytes:
       raise CheckpointError(f"{self.path}: tensor {key} has {end - begin} bytes, "
                             f"expected shape {info['shape']} of {info['dtype']}")
-    arr = np.frombuffer(self._map, dtype, count, offset=self._start + begin)
-    return arr.reshape(info["shape"]).copy()  # copy: detach from the map
+    buf, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+    while done < out.nbytes:
+      n = os.preadv(self._file.fileno(), [buf[done:done + (1 << 30)]],
+                    self._start + begin + done)
+      if n <= 0:
+        raise CheckpointError(f"{self.path} is truncated: tensor {key} ends past the file")
+      done += n
+    return out
 
   def close(self):
-    if self._map is not None:
-      self._map.close()
     self._file.close()
 
 
@@ -119,6 +125,9 @@ class Checkpoint:
 
   def get(self, key: str) -> np.ndarray:
     return self._where[key].get(key)
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._where[key].dtype(key)
 
   def close(self):
     for f in self._files.values():
