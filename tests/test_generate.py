@@ -91,3 +91,14 @@ def test_prompt_over_the_largest_bucket_is_refused(loaded, tiny_tokenizer):
   _, model = loaded("lavida-llada")
   with pytest.raises(ValueError, match="exceeds the largest bucket"):
     generate.bucket(10_000)
+
+
+def test_a_bad_request_gets_its_error_and_the_batch_goes_on(loaded, tiny_tokenizer, tmp_path):
+  from lavida_jax import evaluate
+  _, model = loaded("lavida-llada")
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), prefix_cache=True)
+  reqs = [REQS[0], generate.Request("what ?", str(tmp_path / "missing.png")), REQS[2]]
+  out = evaluate.run_generation(gen, reqs, batch_size=3)
+  assert [r.error is None for r in out] == [True, False, True]
+  assert "missing.png" in out[1].error
+  assert out[0].ids == gen(REQS[:1])[0].ids
