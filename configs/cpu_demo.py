@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
   c.data.system_prompt = False
   c.data.demo_train = 3000  # scenes (2 questions each)
   c.data.demo_heldout = 100
+  c.data.demo_root = ""  # where the demo set is generated ("": WORKDIR/demo_data)
 
   c.train.steps = 600
   c.train.batch_size = 32

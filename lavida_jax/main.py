@@ -56,7 +56,8 @@ def make_train_data(cfg, workdir: str):
     specials = (text.SpecialTokens.dream() if template == "dream" else text.SpecialTokens.llada())
   heldout = None
   if cfg.data.source == "demo":
-    files, data_dir = demo.prepare(os.path.join(workdir, "demo_data"), seed=cfg.train.seed,
+    root = cfg.data.get("demo_root") or os.path.join(workdir, "demo_data")
+    files, data_dir = demo.prepare(root, seed=cfg.train.seed,
                                    num_train=cfg.data.demo_train,
                                    num_heldout=cfg.data.demo_heldout,
                                    image_size=cfg.model.image_size)

@@ -1,6 +1,7 @@
 """Model-side generation: prefix cache vs full forward, Dream's shift, batching."""
 
 import jax.numpy as jnp
+from flax import nnx
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,10 +54,14 @@ def test_denoisers_match_the_model_forward(loaded, tiny_tokenizer, family):
     xs, _ = model.embed_multimodal(ids, images)
     t = xs.shape[1]
     allowed = (np.arange(t)[None, :] < p) | (np.arange(t)[:, None] >= p)
-    h = lm.hidden(xs, mask_BTS=jnp.asarray(allowed)[None])
-    ref = np.asarray(lm.logits_from_hidden(h))[0]
+    ref = np.asarray(_masked_logits(lm, xs, jnp.asarray(allowed)[None]))[0]
     expected = ref[p - 1:-1] if shifted else ref[p:]
     assert_close(np.asarray(cached)[b], expected)
+
+
+@nnx.jit
+def _masked_logits(lm, x, mask):
+  return lm.logits_from_hidden(lm.hidden(x, mask_BTS=mask))
 
 
 @pytest.mark.parametrize("family,cache", [("lavida-llada", True), ("lavida-llada", False),

@@ -32,6 +32,7 @@ def _cfg(steps, mesh, **over):
 
 
 def _run(cfg, workdir):
+  cfg.data.demo_root = str(workdir.parent / "demo_data")  # generated once, shared
   data, _, _ = main_lib.make_train_data(cfg, workdir)
   return train.train_and_evaluate(cfg, str(workdir), data)
 

@@ -35,8 +35,15 @@ def _batch(b=4, length=None, seed=0):
   return batch
 
 
+@functools.cache
+def _model():
+  """Initialised once, jitted (eager NNX init runs op by op and is slow)."""
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LaViDa(CFG, rngs=nnx.Rngs(0))))
+  return nnx.merge(graphdef, jax.jit(lambda: nnx.state(LaViDa(CFG, rngs=nnx.Rngs(0))))())
+
+
 def _state(groups=("projector", "lm"), steps=10, lr=1e-2):
-  model = LaViDa(CFG, rngs=nnx.Rngs(0))
+  model = _model()
   graphdef, params, frozen = train_step.split_params(model, groups)
   tx, scheds = optimizer.make_optimizer({g: lr for g in groups}, steps)
   state = dict(step=jnp.int32(0), params=params, frozen=frozen, opt_state=tx.init(params),
