@@ -1,9 +1,10 @@
 """CPU demo: trains a small LaViDa from scratch on generated shape scenes, then answers
 held-out questions with the diffusion sampler (the embedded default of lavida_jax.main).
 
-Small on purpose (2 CPU cores, minutes): 112-px single-view images (8x8 = 64 image
+Small on purpose (2 CPU cores, minutes): 56-px single-view images (4x4 = 16 image
 tokens), a 4-layer LLaDA-shaped LM of width 128, the shipped sentencepiece tokenizer,
-no system prompt. Every code path is the real one: complementary masking, the
+no system prompt. Measured (issue 3 notes): 58% held-out exact match after 800 steps;
+colours and counts are learnt, shape names lag at this resolution. Every code path is the real one: complementary masking, the
 jitted sharded step, Orbax checkpoints, the prefix-cache sampler.
 
   python -m lavida_jax.main --config=configs/cpu_demo.py:model=lavida-dream
@@ -21,7 +22,7 @@ def get_config(arg: str | None = None):
   c.workdir = "/tmp/lavida_jax_demo"
   c.log_every = 20
   c.model.size = "tiny"
-  c.model.image_size = 112
+  c.model.image_size = 56
   c.model.anyres = False
   c.model.lm.d_model = 128
   c.model.lm.n_layers = 4
@@ -36,13 +37,13 @@ def get_config(arg: str | None = None):
 
   c.data.source = "demo"
   c.data.tokenizer = "demo"
-  c.data.length = 96
+  c.data.length = 48
   c.data.system_prompt = False
   c.data.demo_train = 3000  # scenes (2 questions each)
   c.data.demo_heldout = 100
   c.data.demo_root = ""  # where the demo set is generated ("": WORKDIR/demo_data)
 
-  c.train.steps = 600
+  c.train.steps = 800
   c.train.batch_size = 32
   c.train.lr = dict(vision=1e-3, projector=1e-3, lm=1e-3)
   c.train.final_ratio = 0.1
@@ -56,6 +57,6 @@ def get_config(arg: str | None = None):
   c.eval.block_length = 4
   c.eval.steps = 4
 
-  c.checkpoint.every = 200
+  c.checkpoint.every = 400
   c.checkpoint.keep = 2
   return c
