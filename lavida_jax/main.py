@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -24,6 +25,10 @@ _COORDINATOR = flags.DEFINE_string(
     "(e.g. several CPU processes on one machine); TPU pods are detected by themselves.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+_DISTRIBUTED = flags.DEFINE_boolean(
+    "distributed", False, "jax.distributed.initialize() with the cluster's own detection "
+    "(Cloud TPU VM slices, GKE, SLURM); launch/train.sh passes it. It gives every process "
+    "the coordination service (agreed preemption saves).")
 
 
 def initialize_distributed() -> None:
@@ -33,8 +38,21 @@ def initialize_distributed() -> None:
     if os.environ.get("JAX_PLATFORMS") == "cpu":  # (no backend query before initialize)
       jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  elif os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost"):
+  elif _DISTRIBUTED.value or (
+      os.environ.get("TPU_WORKER_HOSTNAMES", "localhost") not in ("", "localhost")):
     jax.distributed.initialize()
+
+
+def first_process_first(fn):
+  """fn() on process 0, then on the others: on a shared disk they find its files
+  (never two writers at once); on per-host disks each makes its own copy."""
+  import jax
+  if jax.process_count() == 1:
+    return fn()
+  from jax.experimental import multihost_utils
+  out = fn() if jax.process_index() == 0 else None
+  multihost_utils.sync_global_devices("lavida_jax: process 0 prepared")
+  return out if jax.process_index() == 0 else fn()
 
 
 def make_train_data(cfg, workdir: str):
@@ -57,10 +75,9 @@ def make_train_data(cfg, workdir: str):
   heldout = None
   if cfg.data.source == "demo":
     root = cfg.data.get("demo_root") or os.path.join(workdir, "demo_data")
-    files, data_dir = demo.prepare(root, seed=cfg.train.seed,
-                                   num_train=cfg.data.demo_train,
-                                   num_heldout=cfg.data.demo_heldout,
-                                   image_size=cfg.model.image_size)
+    files, data_dir = first_process_first(functools.partial(
+        demo.prepare, root, seed=cfg.train.seed, num_train=cfg.data.demo_train,
+        num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size))
     source = pipeline.open_source(data_dir, "train")  # the tfds ArrayRecord copy
     heldout = evaluate.qa_pairs(demo.read_jsonl(files.qa["heldout"]), files.image_folder)
   else:

@@ -7,6 +7,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 
 class MetricWriter:
@@ -14,11 +15,17 @@ class MetricWriter:
 
   def __init__(self, workdir: str):
     self.enabled = jax.process_index() == 0
-    self._tb = None
+    self._tb = self._jsonl = self._remote = None
     if not self.enabled:
       return
+    path = os.path.join(workdir, "metrics.jsonl")
+    if "://" in workdir:  # a bucket (gs:// needs gcsfs): no appends there, so the
+      # file is rewritten whole at each write; TensorBoard events stay local-only.
+      self._remote = epath.Path(path)
+      self._lines = self._remote.read_text().splitlines(True) if self._remote.exists() else []
+      return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -29,7 +36,12 @@ class MetricWriter:
     if not self.enabled:
       return
     values = {f"{prefix}{k}": float(np.asarray(v)) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+    line = json.dumps({"step": int(step), **values}) + "\n"
+    if self._remote is not None:
+      self._lines.append(line)
+      self._remote.write_text("".join(self._lines))
+      return
+    self._jsonl.write(line)
     self._jsonl.flush()
     if self._tb is not None:
       for k, v in values.items():
@@ -37,7 +49,7 @@ class MetricWriter:
       self._tb.flush()
 
   def close(self) -> None:
-    if self.enabled:
+    if self._jsonl is not None:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()

@@ -16,7 +16,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import signal
 import time
 from typing import Callable
@@ -25,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -88,15 +88,30 @@ def init_state(model: LaViDa, groups, tx, seed: int, mesh):
   graphdef, params, frozen = train_step.split_params(model, groups)
   shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   rep = NamedSharding(mesh, P())
-  # mu/nu follow their params' shardings; scalar counts come back on one device.
-  on_mesh = lambda x: isinstance(x.sharding, NamedSharding) and x.sharding.mesh == mesh
-  opt_state = jax.tree.map(lambda x: x if on_mesh(x) else jax.device_put(x, rep),
-                           jax.jit(tx.init)(params))
-  state = dict(step=jax.device_put(jnp.int32(0), rep), params=params, frozen=frozen,
-               opt_state=opt_state, rng=jax.device_put(jax.random.key(seed), rep))
+  # Made by jit with out_shardings, never on one device first (and device_put of a
+  # process-local array onto a multi-process mesh is refused).
+  opt_state = jax.jit(tx.init, out_shardings=opt_shardings(tx, params, rep))(params)
+  step, rng = jax.jit(lambda: (jnp.int32(0), jax.random.key(seed)),
+                      out_shardings=(rep, rep))()
+  state = dict(step=step, params=params, frozen=frozen, opt_state=opt_state, rng=rng)
   shardings = dict(step=rep, params=shard(params), frozen=shard(frozen),
                    opt_state=shard(opt_state), rng=rep)
   return graphdef, state, shardings
+
+
+def opt_shardings(tx, params, replicated):
+  """Shardings of `tx.init(params)`: a leaf whose key path ends with a parameter's path
+  (Adam's mu/nu) follows that parameter; the rest (step counts) is replicated."""
+  by_path = {tuple(p): x for p, x in jax.tree_util.tree_leaves_with_path(params)}
+
+  def one(path, leaf):
+    for n in range(len(path)):
+      x = by_path.get(tuple(path[n:]))
+      if x is not None and x.shape == leaf.shape:
+        return x.sharding
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, params))
 
 
 def merge_params(state) -> dict:
@@ -111,18 +126,20 @@ class Checkpoints:
 
   def __init__(self, workdir: str, keep: int, hf_config: dict | None, tokenizer_path=None,
                generation: dict | None = None):
-    self.root = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    root = os.path.join(workdir, "checkpoints")
+    self.root = root if "://" in root else os.path.abspath(root)  # gs://... stays a URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(
         self.root, item_names=("params", "opt_state", "data", "meta"), options=options)
     if jax.process_index() == 0 and hf_config is not None:
       # config.json and the tokenizer sit beside the step folders (checkpoint/orbax.py).
-      with open(os.path.join(self.root, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=1)
+      folder = epath.Path(self.root)  # a local folder or a bucket (gs:// needs gcsfs)
+      (folder / "config.json").write_text(json.dumps(hf_config, indent=1))
       if tokenizer_path and os.path.isfile(tokenizer_path):
-        shutil.copy(tokenizer_path, self.root)
-      with open(os.path.join(self.root, "generation.json"), "w") as f:
-        json.dump(generation or {}, f)  # how prompts were built (read by generate)
+        (folder / os.path.basename(tokenizer_path)).write_bytes(
+            epath.Path(tokenizer_path).read_bytes())
+      # how prompts were built (read by generate)
+      (folder / "generation.json").write_text(json.dumps(generation or {}))
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
@@ -133,7 +150,7 @@ class Checkpoints:
     self.manager.save(step, force=force, args=ocp.args.Composite(
         params=ocp.args.StandardSave(merge_params(state)),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
-        data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta)))
+        data=ocp.args.JsonSave(all_processes(data_state)), meta=ocp.args.JsonSave(meta)))
 
   def restore(self, step: int, state, shardings):
     """Restores onto the shardings of the freshly built `state` (any mesh)."""
@@ -146,11 +163,13 @@ class Checkpoints:
                                                     shardings["opt_state"])),
         data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     params = out["params"]
-    rng = jax.random.wrap_key_data(jnp.asarray(out["meta"]["rng"], jnp.uint32))
-    new = dict(step=jax.device_put(jnp.int32(out["meta"]["step"]), shardings["step"]),
-               params={k: params[k] for k in state["params"]},
+    key_data = np.asarray(out["meta"]["rng"], np.uint32)
+    step, rng = jax.jit(  # (device_put of a local array onto a multi-process mesh is refused)
+        lambda: (jnp.int32(out["meta"]["step"]), jax.random.wrap_key_data(key_data)),
+        out_shardings=(shardings["step"], shardings["rng"]))()
+    new = dict(step=step, params={k: params[k] for k in state["params"]},
                frozen={k: params[k] for k in state["frozen"]},
-               opt_state=out["opt_state"], rng=jax.device_put(rng, shardings["rng"]))
+               opt_state=out["opt_state"], rng=rng)
     return new, out["data"], out["meta"]
 
   def wait(self) -> None:
@@ -160,18 +179,56 @@ class Checkpoints:
     self.manager.close()
 
 
+def gather_json(obj) -> list:
+  """Every process's JSON-serialisable `obj`, in process order (a collective: every
+  process calls it)."""
+  if jax.process_count() == 1:
+    return [obj]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size)).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:data.size] = data
+  rows = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, sizes)]
+
+
+def all_processes(data_state: dict) -> dict:
+  """The data item of a checkpoint: every process's iterator state (Orbax's JSON
+  items are written by process 0 alone), for `pipeline.process_state`."""
+  states = gather_json(data_state)
+  return {"process_count": len(states), "states": states}
+
+
 class Preemption:
-  """SIGTERM (TPU maintenance, preemption) -> save at the next step boundary and stop."""
+  """SIGTERM (TPU maintenance, preemption) -> save at a step boundary and stop.
+
+  One process: a Python SIGTERM handler; the next step boundary. Several processes:
+  every process must save the same step, and a signal may reach only some of them,
+  or each at another step; jax.distributed's preemption sync manager (its own
+  SIGTERM handler, so none is installed here) spreads the notice and names a step
+  all processes reach (`multihost_utils.reached_preemption_sync_point`).
+  """
 
   def __init__(self):
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
     self.requested = False
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    self._sync = jax.process_count() > 1 and distributed.global_state.client is not None
+    self._old = None if self._sync else signal.signal(signal.SIGTERM, self._handle)
 
   def _handle(self, signum, frame):
     self.requested = True
 
+  def reached(self, step: int) -> bool:
+    """Call once per step on every process: True when this step is the one to save."""
+    if self._sync:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      self.requested = self.requested or multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
   def restore(self):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 # --- the loop ----------------------------------------------------------------------------
@@ -206,11 +263,13 @@ def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
   del model
   ckpts = Checkpoints(workdir, cfg.checkpoint.keep, hf.config_to_hf(mcfg), data.tokenizer_path,
                       {"system_prompt": data.system_prompt})
+  from lavida_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   it = data.make_iterator(mcfg)
   start = ckpts.latest()
   if start is not None:
     state, data_state, meta = ckpts.restore(start, state, shardings)
-    it.set_state(data_state)
+    it.set_state(pipeline.process_state(data_state, cfg.train.batch_size * cfg.train.grad_accum,
+                                        jax.process_index(), jax.process_count()))
     print(f"resumed from {ckpts.root}/{start}")
   batch_spec = P(dict(sharding.DEFAULT_RULES)["batch"])
   batch_sharding = NamedSharding(mesh, batch_spec)
@@ -220,7 +279,6 @@ def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
   progress = Progress(cfg.train.steps, first)
   preempt = Preemption()
   summary, metrics, evals = {}, None, {}
-  from lavida_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   try:
     with jax.set_mesh(mesh):
       for step in range(first, cfg.train.steps):
@@ -238,9 +296,10 @@ def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
             and done != cfg.train.steps:
           evals = evaluate_fn(_model(graphdef, state), done)
           writer.write(done, evals, prefix="eval/")
-        if done % cfg.checkpoint.every == 0 or preempt.requested:
-          ckpts.save(state, it.get_state(), {"skipped": it.skipped}, force=preempt.requested)
-        if preempt.requested:
+        stop = preempt.reached(done)
+        if done % cfg.checkpoint.every == 0 or stop:
+          ckpts.save(state, it.get_state(), {"skipped": it.skipped}, force=stop)
+        if stop:
           ckpts.wait()
           print(f"SIGTERM: saved step {done} to {ckpts.root}; exiting")
           summary["preempted_at"] = done

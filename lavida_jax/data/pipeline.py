@@ -333,6 +333,33 @@ def make_dataset(source, cfg: LaViDaConfig, tokenizer: text.Tokenizer,
   return _Batch(it, local, drop_remainder, num_workers)
 
 
+def process_state(saved: Mapping, global_batch_size: int, process_index: int,
+                  process_count: int) -> dict:
+  """This process's `BatchIterator` state from a checkpoint's data item.
+
+  saved: `{"process_count": n, "states": [the state of process 0, ..., n - 1]}` (a
+    single state, as older checkpoints hold, is every process's).
+  Same process count: the process's own state. Another count (a job resumed on
+  another slice): process p had consumed c_p elements of its own slots, L = G / n
+  per global batch, so global batches [0, k) with k = max_p ceil(c_p / L) were
+  started; every new process starts at global batch k. Exact when no record was
+  skipped; otherwise no example is repeated and fewer than one global batch per
+  process is passed over. Skip counts carry over (their sum, on process 0).
+  """
+  if "states" not in saved:
+    return dict(saved)
+  states = list(saved["states"])
+  if len(states) == process_count:
+    return dict(states[process_index])
+  old_local = global_batch_size // len(states)
+  k = max(-(-int(st["consumed"]) // old_local) for st in states)
+  local = global_batch_size // process_count
+  skipped = {r: sum(int(st["skipped"].get(r, 0)) for st in states) if process_index == 0
+             else 0 for r in SKIP_REASONS}
+  return {"parent": {"next_index": k * local}, "consumed": k * local, "num_workers": 0,
+          "skipped": skipped, "examples": k * local}
+
+
 def open_source(path: str, split: str = "train", image_folder: str | None = None):
   """A tfds data_dir (built by `tfds_builder.build`) or a LLaVA JSON/JSONL file."""
   from lavida_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
