@@ -1,0 +1,47 @@
+"""8x H100 80 GB (one node): full-size LaViDa training, SPEC §6.3.
+
+  python -m lavida_jax.main --config=configs/gpu_h100_8.py:model=lavida-llada,stage=2 \
+      --workdir=/data/lavida/h100x8 --config.data.source=/data/lavida/data
+
+Mesh (data=1, fsdp=8, tensor=1): FSDP over the 8 GPUs (NVLink). Attention through
+cuDNN's fused kernel (`attention_impl="cudnn"`: no [T, T] scores in memory), so the
+micro-batches are sized for the activations alone (train.batch_size is one
+micro-batch; a step sees batch_size x grad_accum = SPEC's 128 / 256 examples).
+Layers scanned with full remat; bf16 compute, fp32 master weights and Adam state.
+Not compiled ahead of time here (no GPU topology description); see
+`benchmarks/train_step.py` for timing it on a GPU.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import base  # noqa: E402  pylint: disable=g-import-not-at-top
+
+MESH = {1: (1, 8, 1), 2: (1, 8, 1), 3: (1, 8, 1)}  # (data, fsdp, tensor), by stage
+GRAD_ACCUM = {1: 32, 2: 16, 3: 16}  # micro-batches per step, by stage
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_arg(arg, model="lavida-llada", stage=2)
+  c = base.base(args["model"], args["stage"])
+  c.workdir = "/data/lavida/h100x8"
+  c.mesh = MESH[args["stage"]]
+  c.model.size = "full"
+  c.model.image_size = 384
+  c.model.lm.attention_impl = "cudnn"  # jax.nn.dot_product_attention on cuDNN
+  c.data.source = "/data/lavida/data"  # tfds data_dir or LLaVA JSON
+  c.data.image_folder = "/data/lavida/images"
+  c.data.tokenizer = "/data/lavida/tokenizer"
+  c.data.num_workers = 8
+  # train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples
+  # (SPEC §6.3: 256 in stage 1, 128 after).
+  c.train.grad_accum = GRAD_ACCUM[args["stage"]]
+  c.train.batch_size = (256 if args["stage"] == 1 else 128) // c.train.grad_accum
+  # The two complementary views partition each example's label tokens (<= T), so
+  # micro-batch x T is a safe bound on gathered positions (the default is 2 x that).
+  c.train.capacity = c.train.get_ref("batch_size") * c.data.get_ref("length")
+  c.train.remat = "full"
+  c.train.param_dtype = "float32"
+  c.train.compute_dtype = "bfloat16"
+  c.checkpoint.every = 1000
+  return c

@@ -1,0 +1,47 @@
+"""TPU v5e-256 (256 chips, 16 GiB HBM each): full-size LaViDa training, SPEC §6.3.
+
+  python -m lavida_jax.main --config=configs/tpu_v5e_256.py:model=lavida-llada,stage=2 \
+      --workdir=gs://YOUR_BUCKET/lavida/v5e-256 --config.data.source=gs://YOUR_BUCKET/data
+
+Mesh (data=1, fsdp=128, tensor=2): 128 examples cannot split over 256 chips, so a
+2-way tensor axis (heads, MLP width, vocabulary) pairs chips; FSDP over the other
+128. 16 GiB per chip: micro-batches keep plain XLA attention's [T, T] scores small
+(train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples).
+Layers scanned with full remat; bf16 compute, fp32 master weights and Adam state.
+Pallas splash attention is future work. AOT compile and memory/MFU estimate:
+`benchmarks/aot_tpu.py` (benchmarks/README.md).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import base  # noqa: E402  pylint: disable=g-import-not-at-top
+
+MESH = {1: (1, 64, 4), 2: (1, 128, 2), 3: (1, 128, 2)}  # (data, fsdp, tensor), by stage
+GRAD_ACCUM = {1: 4, 2: 1, 3: 1}  # micro-batches per step, by stage
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_arg(arg, model="lavida-llada", stage=2)
+  c = base.base(args["model"], args["stage"])
+  c.workdir = "gs://YOUR_BUCKET/lavida/v5e-256"
+  c.mesh = MESH[args["stage"]]
+  c.model.size = "full"
+  c.model.image_size = 384
+  c.model.lm.attention_impl = "xla"  # splash attention (Pallas): future work
+  c.data.source = "gs://YOUR_BUCKET/lavida/data"  # tfds data_dir or LLaVA JSON
+  c.data.image_folder = "gs://YOUR_BUCKET/lavida/images"
+  c.data.tokenizer = "gs://YOUR_BUCKET/lavida/tokenizer"
+  c.data.num_workers = 8
+  # train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples
+  # (SPEC §6.3: 256 in stage 1, 128 after).
+  c.train.grad_accum = GRAD_ACCUM[args["stage"]]
+  c.train.batch_size = (256 if args["stage"] == 1 else 128) // c.train.grad_accum
+  # The two complementary views partition each example's label tokens (<= T), so
+  # micro-batch x T is a safe bound on gathered positions (the default is 2 x that).
+  c.train.capacity = c.train.get_ref("batch_size") * c.data.get_ref("length")
+  c.train.remat = "full"
+  c.train.param_dtype = "float32"
+  c.train.compute_dtype = "bfloat16"
+  c.checkpoint.every = 1000
+  return c

@@ -1,0 +1,46 @@
+"""TPU v5p-128 (64 chips, 95 GiB HBM each): full-size LaViDa training, SPEC §6.3 stages.
+
+  python -m lavida_jax.main --config=configs/tpu_v5p_128.py:model=lavida-llada,stage=2 \
+      --workdir=gs://YOUR_BUCKET/lavida/v5p-128 --config.data.source=gs://YOUR_BUCKET/data
+
+Mesh (data=1, fsdp=64, tensor=1): pure FSDP; every chip holds 1/64 of the fp32
+master weights and Adam moments and 2 of the 128x2 complementary-masking rows of a
+stage-2 step. Layers scanned with full remat; bf16 compute, fp32 master weights.
+Attention is plain XLA (it materialises the [T, T] scores per head: the reason for
+the micro-batching at T=8192); Pallas splash attention is future work. The AOT
+compile of this config for v4/v5p/v5e topologies is `benchmarks/aot_tpu.py`.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import base  # noqa: E402  pylint: disable=g-import-not-at-top
+
+MESH = {1: (1, 32, 2), 2: (1, 64, 1), 3: (1, 64, 1)}  # (data, fsdp, tensor), by stage
+GRAD_ACCUM = {1: 8, 2: 1, 3: 1}  # micro-batches per step, by stage
+
+
+def get_config(arg: str | None = None):
+  args = base.parse_arg(arg, model="lavida-llada", stage=2)
+  c = base.base(args["model"], args["stage"])
+  c.workdir = "gs://YOUR_BUCKET/lavida/v5p-128"
+  c.mesh = MESH[args["stage"]]
+  c.model.size = "full"
+  c.model.image_size = 384
+  c.model.lm.attention_impl = "xla"  # splash attention (Pallas): future work
+  c.data.source = "gs://YOUR_BUCKET/lavida/data"  # tfds data_dir or LLaVA JSON
+  c.data.image_folder = "gs://YOUR_BUCKET/lavida/images"
+  c.data.tokenizer = "gs://YOUR_BUCKET/lavida/tokenizer"
+  c.data.num_workers = 8
+  # train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples
+  # (SPEC §6.3: 256 in stage 1, 128 after).
+  c.train.grad_accum = GRAD_ACCUM[args["stage"]]
+  c.train.batch_size = (256 if args["stage"] == 1 else 128) // c.train.grad_accum
+  # The two complementary views partition each example's label tokens (<= T), so
+  # micro-batch x T is a safe bound on gathered positions (the default is 2 x that).
+  c.train.capacity = c.train.get_ref("batch_size") * c.data.get_ref("length")
+  c.train.remat = "full"
+  c.train.param_dtype = "float32"
+  c.train.compute_dtype = "bfloat16"
+  c.checkpoint.every = 1000
+  return c
