@@ -17,9 +17,14 @@ compiled by the TPU compiler. Two compiles per config, each in its own process
           (grad_accum=1, its batch), windowed-einsum loops off
           (`xla_tpu_enable_windowed_einsum_for_{all_gather,reduce_scatter}=false`);
           `optimal_seconds` is then corrected for libtpu's -1 s per `ConcatBitcast`
-          custom call (their count is read from the optimized HLO) and multiplied by
+          custom call on v4/v5e and per `PrepareAsyncCall{Start,Done}` on v5p
+          (their count is read from the optimized HLO) and multiplied by
           grad_accum (the optimizer update, counted once per micro-batch this way,
           is < 0.1% of the step).
+          A fully unrolled 32-layer compile is slow on a small machine, so by default
+          the flops compile runs at depth 1 and depth 2 (LM and vision layers) and
+          every quantity is extrapolated linearly per layer (`extrapolate`);
+          --full_unroll does the single exact compile.
 
 Estimated MFU = model FLOPs (`lavida_jax.flops`, all micro-batches) / estimated
 step time / (chips x peak bf16). The table is printed and, with --readme, written
@@ -55,12 +60,13 @@ GiB = 2 ** 30
 # Slice -> libtpu topology description (SPEC §9) and chip facts.
 SLICES = {
     "tpu_v4_64": dict(accelerator="v4-64", topology="v4:2x4x4", chip_config="megacore",
-                      chips=32, hbm_gib=32, peak="v4", concat_bitcast_trap=True),
+                      chips=32, hbm_gib=32, peak="v4", negative_calls=("ConcatBitcast",)),
     "tpu_v5p_128": dict(accelerator="v5p-128", topology="v5p:4x4x4", chip_config="megacore",
-                        chips=64, hbm_gib=95, peak="v5p", concat_bitcast_trap=False),
+                        chips=64, hbm_gib=95, peak="v5p",
+                        negative_calls=("PrepareAsyncCallStart", "PrepareAsyncCallDone")),
     "tpu_v5e_256": dict(accelerator="v5litepod-256", topology="v5e:16x16",
                         chip_config="default", chips=256, hbm_gib=16, peak="v5e",
-                        concat_bitcast_trap=True),
+                        negative_calls=("ConcatBitcast",)),
 }
 FLOPS_FLAGS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
@@ -273,14 +279,14 @@ def worker(name: str, arg: str | None, overrides, mode: str) -> dict:
   else:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    concat = len(re.findall(r'custom_call_target="ConcatBitcast"', hlo))
+    negative = negative_calls(name, out["custom_calls"])
     optimal = float(cost.get("optimal_seconds", float("nan")))
-    corrected = optimal + (concat if info["concat_bitcast_trap"] else 0)
+    corrected = optimal + negative
     # cost_analysis() describes one device's partition of the SPMD program: its
     # seconds are the step's, its flops are per chip (x devices for the slice).
     out.update(xla_flops_micro=float(cost.get("flops", 0.0)) * len(devices),
                bytes_accessed_micro=float(cost.get("bytes accessed", 0.0)),
-               optimal_seconds_micro=optimal, concat_bitcast=concat,
+               optimal_seconds_micro=optimal, negative_calls=negative,
                step_seconds=corrected * accum,
                xla_flops_step=float(cost.get("flops", 0.0)) * len(devices) * accum)
   out["model_flops"] = model_flops(cfg, mcfg, groups)
@@ -326,6 +332,16 @@ def run_worker(name, arg, overrides, mode, libtpu, timeout) -> dict:
   return out
 
 
+def negative_calls(name: str, custom_calls: dict) -> int:
+  """Custom calls that libtpu 0.0.42.1 prices at -1 s each in `optimal_seconds`.
+
+  v4/v5e: ConcatBitcast (SPEC §9). v5p: the PrepareAsyncCall{Start,Done} pair that
+  `jnp.nonzero` (the loss's gather of masked rows) lowers to -- found here: a probe
+  program of just `jnp.nonzero` has optimal_seconds = -2.0 on v5p, +4e-7 on v4/v5e.
+  """
+  return sum(custom_calls.get(t, 0) for t in SLICES[name]["negative_calls"])
+
+
 def extrapolate(name, arg, overrides, one: dict, two: dict) -> dict:
   """Full-depth loop-free cost from compiles with 1 and 2 layers (LM and vision).
 
@@ -349,14 +365,13 @@ def extrapolate(name, arg, overrides, one: dict, two: dict) -> dict:
       2 * p * (4 * v.width ** 2 + 2 * v.width * v.mlp_dim) + 4 * p * p * v.width)
   share = lm_layer / (lm_layer + vis_layer)
   n_lm, n_vis = mcfg.lm.n_layers - 1, v.depth - 1
-  trap = SLICES[name]["concat_bitcast_trap"]
   accum = cfg.train.grad_accum
 
   def full(r1, r2):
     d = r2 - r1
     return r1 + n_lm * share * d + n_vis * (1 - share) * d
 
-  sec = lambda r: r["optimal_seconds_micro"] + (r["concat_bitcast"] if trap else 0)
+  sec = lambda r: r["optimal_seconds_micro"] + negative_calls(name, r["custom_calls"])
   micro_s = full(sec(one), sec(two))
   micro_flops = full(one["xla_flops_micro"], two["xla_flops_micro"])
   return dict(config=name, mode="flops", method="1- and 2-layer loop-free compiles, "
@@ -364,7 +379,8 @@ def extrapolate(name, arg, overrides, one: dict, two: dict) -> dict:
               mesh=one["mesh"], grad_accum=accum, lm_share_of_layer_pair=round(share, 4),
               optimal_seconds_micro=micro_s, step_seconds=micro_s * accum,
               xla_flops_step=micro_flops * accum,
-              concat_bitcast=f"{one['concat_bitcast']}/{two['concat_bitcast']}",
+              negative_calls=f"{negative_calls(name, one['custom_calls'])}/"
+                             f"{negative_calls(name, two['custom_calls'])}",
               while_loops=max(one["while_loops"], two["while_loops"]),
               model_flops=model_flops(cfg, mcfg, train_groups(cfg)))
 
@@ -402,7 +418,7 @@ def summarise(name, mem: dict, fl: dict) -> dict:
                                      flops.PEAK_BF16[info["peak"]]), 3)
     row["model_tflop"] = round(model / 1e12, 1)
     row["xla_tflop"] = round(fl["xla_flops_step"] / 1e12, 1)
-    row["concat_bitcast"] = fl["concat_bitcast"]
+    row["negative_calls"] = fl["negative_calls"]
     row["loops_left"] = fl["while_loops"]
   else:
     row["est_step_s"] = fl.get("error", "-")
@@ -411,12 +427,12 @@ def summarise(name, mem: dict, fl: dict) -> dict:
 
 def table(rows) -> str:
   head = ("| config | topology | mesh (d×f×t) | accum | GiB/chip | fits | est. step s "
-          "| est. MFU | model TFLOP | XLA TFLOP | ConcatBitcast | loops left |")
+          "| est. MFU | model TFLOP | XLA TFLOP | −1 s calls (1/2 layers) | loops left |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     lines.append("| " + " | ".join(str(r.get(k, "-")) for k in (
         "config", "topology", "mesh", "grad_accum", "gib_per_chip", "fits", "est_step_s",
-        "est_mfu", "model_tflop", "xla_tflop", "concat_bitcast", "loops_left")) + " |")
+        "est_mfu", "model_tflop", "xla_tflop", "negative_calls", "loops_left")) + " |")
   return "\n".join(lines)
 
 

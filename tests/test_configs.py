@@ -227,3 +227,22 @@ def test_shrunk_tpu_config_lowers_and_compiles_on_8_devices():
   f = aot.model_flops(cfg, mcfg, groups)
   # The head runs on capacity rows of each of the 2 micro-batches.
   assert f["total"] > 0 and f["lm_head"] == 3 * (4 * 64 * 2) * 2 * 32 * mcfg.lm.vocab_size
+
+
+def test_aot_extrapolates_per_layer_and_corrects_negative_calls():
+  """Loop-free cost at depth 1 and 2 -> full depth; libtpu's -1 s custom calls added back."""
+  aot = _aot()
+  assert aot.negative_calls("tpu_v5p_128", {"PrepareAsyncCallStart": 1,
+                                            "PrepareAsyncCallDone": 1, "ConcatBitcast": 3}) == 2
+  assert aot.negative_calls("tpu_v4_64", {"PrepareAsyncCallStart": 1, "ConcatBitcast": 3}) == 3
+  calls = {"PrepareAsyncCallStart": 1, "PrepareAsyncCallDone": 1}
+  one = dict(optimal_seconds_micro=-1.5, custom_calls=calls, xla_flops_micro=10.0,
+             mesh={}, while_loops=0)
+  two = dict(optimal_seconds_micro=-1.0, custom_calls=calls, xla_flops_micro=12.0,
+             mesh={}, while_loops=0)
+  r = aot.extrapolate("tpu_v5p_128", "stage=2", [], one, two)
+  s = r["lm_share_of_layer_pair"]
+  assert 0.9 < s < 1.0  # a vision layer is a few % of an (LM + vision) layer pair
+  assert r["optimal_seconds_micro"] == pytest.approx(0.5 + 31 * s * 0.5 + 25 * (1 - s) * 0.5,
+                                                     rel=1e-3)
+  assert r["xla_flops_step"] == pytest.approx(10 + 31 * s * 2 + 25 * (1 - s) * 2, rel=1e-3)
