@@ -172,12 +172,11 @@ def abstract_step(cfg, mesh, *, micro_batches: int | None = None):
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   params = jax.tree.map(sds, params, params_sh)
   frozen = jax.tree.map(sds, frozen, frozen_sh)
-  # Optimizer state: Adam's mu/nu sharded like their parameters, counts replicated.
-  # (train.init_state takes whatever `jit(tx.init)` returns, which is ONE device for
-  # all of it: the outputs do not depend on the params' values; see the README.)
+  # Optimizer state as train.init_state makes it: Adam's mu/nu sharded like their
+  # parameters, the step counts replicated.
   rep = NamedSharding(mesh, P())
-  opt_abstract = jax.eval_shape(tx.init, params)
-  opt_state = jax.tree.map(sds, opt_abstract, opt_state_shardings(opt_abstract, params, rep))
+  opt_state = jax.tree.map(sds, jax.eval_shape(tx.init, params),
+                           train.opt_shardings(tx, params, rep))
   state = dict(step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep), params=params,
                frozen=frozen, opt_state=opt_state,
                rng=jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
@@ -190,23 +189,6 @@ def abstract_step(cfg, mesh, *, micro_batches: int | None = None):
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sh) for k, (s, d) in shapes.items()}
   run = train.make_step(graphdef, tx, sc, schedules, shardings, batch_sh)
   return run, state, batch, mcfg, groups
-
-
-def opt_state_shardings(opt_abstract, params, replicated):
-  """Shardings for an optax state: a leaf whose key path ends with a parameter's path
-  (Adam's mu/nu, under multi_transform's masks) and has its shape gets that
-  parameter's sharding; everything else (step counts) is replicated."""
-  import jax
-  by_path = {tuple(path): x for path, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-
-  def one(path, leaf):
-    for i in range(len(path)):
-      p = by_path.get(tuple(path[i:]))
-      if p is not None and p.shape == leaf.shape:
-        return p.sharding
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, opt_abstract)
 
 
 def model_flops(cfg, mcfg, groups) -> dict:
