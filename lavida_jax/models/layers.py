@@ -6,12 +6,14 @@ names (`out_sharding` metadata); `lavida_jax.sharding` maps them to the mesh.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 Axes = tuple[str | None, ...]
 
@@ -100,16 +102,116 @@ def apply_rope(x_BTNH, cos_BTh, sin_BTh):
   return out.astype(x_BTNH.dtype)
 
 
-def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask_BTS=None, implementation=None):
+def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None):
   """Softmax attention, scale 1/sqrt(H), GQA when K < N.
 
-  mask_BTS: bool, True where query t may attend key s (None: attend to all).
-  implementation: None/'xla' (any backend) or 'cudnn' (GPU).
+  mask: None (attend to all), bool [B, S] key padding (True: a key every query
+  may attend) or bool [B, T, S] (True where query t may attend key s).
+  implementation: None/'xla' (any backend), 'cudnn' (GPU), 'splash' (TPU Pallas
+  kernel, `splash_attention`) or 'splash_interpret' (the same kernel in Pallas
+  interpret mode: CPU tests). The splash kernel takes no mask and key padding;
+  an arbitrary [B, T, S] mask is not expressible with it and goes through XLA.
   """
-  impl = None if implementation in (None, "xla") else implementation
-  mask = None if mask_BTS is None else mask_BTS[:, None, :, :]
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask,
-                                      implementation=impl)
+  if implementation in SPLASH and (mask is None or mask.ndim == 2):
+    return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask,
+                            interpret=implementation == "splash_interpret")
+  if mask is not None:
+    mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
+  impl = "cudnn" if implementation == "cudnn" else None
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
+
+
+SPLASH = ("splash", "splash_interpret")
+SPLASH_LANES = 128  # lengths are padded to a multiple of this (the kernel's lane width)
+SPLASH_BLOCKS = (512, 256, 128)  # tile sizes tried, largest first
+
+
+def splash_block(length: int) -> int:
+  """The largest tile in SPLASH_BLOCKS that divides a (padded) sequence length."""
+  for b in SPLASH_BLOCKS:
+    if length % b == 0:
+      return b
+  raise ValueError(f"splash attention needs sequence lengths that are multiples of "
+                   f"{SPLASH_BLOCKS[-1]}, got {length}")
+
+
+def splash_attention(q_BTNH, k_BSKH, v_BSKH, kv_valid_BS=None, *, interpret=False):
+  """`jax.experimental.pallas.ops.tpu.splash_attention` in our layout (no [T, S] scores in HBM).
+
+  kv_valid_BS: bool key padding (None: every key is real). T and S are padded to a
+  multiple of 128 and the padding is masked with splash `SegmentIds`: every query
+  has segment 1, a real key 1, a padded key 0. So each query attends exactly to the
+  real keys, as the XLA path's mask does (padded queries too: their outputs match
+  XLA's and are sliced off or ignored). Under a mesh (`jax.set_mesh`) the kernel
+  runs per shard in `jax.shard_map`: batch over the 'batch' rule's axes (data,
+  fsdp), heads over 'tensor' when it divides both N and K.
+  """
+  b, t, n, h = q_BTNH.shape
+  s, kh = k_BSKH.shape[1], k_BSKH.shape[2]
+  if n % kh:
+    raise ValueError(f"splash attention needs query heads ({n}) to be a multiple of kv "
+                     f"heads ({kh})")
+  tp, sp = _round_up(t, SPLASH_LANES), _round_up(s, SPLASH_LANES)
+  # The kernel applies no scale: fold 1/sqrt(H) into q. Layout [B, heads, length, H].
+  q = _pad_axis(q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype), 1, tp).transpose(0, 2, 1, 3)
+  k = _pad_axis(k_BSKH, 1, sp).transpose(0, 2, 1, 3)
+  v = _pad_axis(v_BSKH, 1, sp).transpose(0, 2, 1, 3)
+  segments = None
+  if kv_valid_BS is not None or sp != s:
+    valid = jnp.ones((b, s), bool) if kv_valid_BS is None else kv_valid_BS
+    segments = (jnp.ones((b, tp), jnp.int32), _pad_axis(valid.astype(jnp.int32), 1, sp))
+  run = functools.partial(_splash_local, interpret=interpret)
+  out = _shard_heads_and_batch(run, q, k, v, segments)
+  return out.transpose(0, 2, 1, 3)[:, :t]
+
+
+def _splash_local(q_BNTH, k_BKSH, v_BKSH, segments, *, interpret):
+  """One shard: the kernel for its heads, vmapped over its examples."""
+  from jax.experimental.pallas.ops.tpu import splash_attention as sa
+  n, t, _ = q_BNTH.shape[1:]
+  s = k_BKSH.shape[2]
+  bq, bkv = splash_block(t), splash_block(s)
+  blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                         block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                         block_q_dq=bq, block_kv_dq=bkv)
+  mask = sa.MultiHeadMask([sa.FullMask((t, s))] * n)
+  kernel = sa.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
+                              interpret=interpret)
+  if segments is None:
+    return jax.vmap(kernel)(q_BNTH, k_BKSH, v_BKSH)
+  ids = sa.SegmentIds(q=segments[0], kv=segments[1])
+  return jax.vmap(lambda q, k, v, i: kernel(q, k, v, segment_ids=i))(q_BNTH, k_BKSH, v_BKSH,
+                                                                      ids)
+
+
+def _shard_heads_and_batch(fn, q_BNTH, k_BKSH, v_BKSH, segments):
+  """fn per shard under the ambient mesh (none set: called directly)."""
+  from lavida_jax import sharding
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(sharding.MESH_AXES) <= set(mesh.axis_names):
+    return fn(q_BNTH, k_BKSH, v_BKSH, segments)
+  b, n = q_BNTH.shape[:2]
+  kh = k_BKSH.shape[1]
+  batch = sharding.logical_to_spec(("batch",), (b,), mesh)[0]
+  heads = "tensor" if n % mesh.shape["tensor"] == 0 and kh % mesh.shape["tensor"] == 0 else None
+  qkv = P(batch, heads, None, None)
+  seg = None if segments is None else (P(batch, None), P(batch, None))
+  # check_vma=False: the Pallas call carries no varying-axes annotations.
+  return jax.shard_map(fn, in_specs=(qkv, qkv, qkv, seg), out_specs=qkv,
+                       check_vma=False)(q_BNTH, k_BKSH, v_BKSH, segments)
+
+
+def _round_up(x: int, m: int) -> int:
+  return -(-x // m) * m
+
+
+def _pad_axis(x, axis: int, size: int):
+  """Zero-pads x along axis up to size."""
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad)
 
 
 class Attention(nnx.Module):
@@ -129,11 +231,12 @@ class Attention(nnx.Module):
                     param_dtype=param_dtype, dtype=dtype)
     self.implementation = implementation
 
-  def __call__(self, x_BTD, mask_BTS=None, rope=None, prefix_kv=None):
+  def __call__(self, x_BTD, mask=None, rope=None, prefix_kv=None):
     """-> (out [B, T, D], (k, v) [B, T, K, H] of x's own positions, post-RoPE).
 
+    mask: None, key padding [B, S] or [B, T, S] (`dot_product_attention`).
     prefix_kv: cached (k, v) [B, P, K, H] of earlier positions; queries attend to
-    the prefix keys first, then their own (mask_BTS is then [B, T, P + T]).
+    the prefix keys first, then their own (S = P + T).
     """
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     if rope is not None:
@@ -142,7 +245,7 @@ class Attention(nnx.Module):
     if prefix_kv is not None:
       keys = jnp.concatenate([prefix_kv[0].astype(k.dtype), k], axis=1)
       values = jnp.concatenate([prefix_kv[1].astype(v.dtype), v], axis=1)
-    out = dot_product_attention(q, keys, values, mask_BTS, self.implementation)
+    out = dot_product_attention(q, keys, values, mask, self.implementation)
     return self.o(out), (k, v)
 
 

@@ -3,7 +3,8 @@
 One transformer parameterised by `LMConfig`: LLaDA is LLaMA-shaped with full
 multi-head attention; Dream is Qwen2-shaped (GQA, q/k/v biases) and its logit
 at position i predicts token i + 1 (`shifted_logits`). Attention is always
-bidirectional; the only mask is an optional key-padding mask.
+bidirectional; the only mask is an optional key-padding mask, passed down as
+`valid` [B, S] (expressible by every attention implementation, splash included).
 """
 from __future__ import annotations
 
@@ -83,8 +84,8 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, "embed", **kw)
     self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, **kw)
 
-  def __call__(self, x_BTD, mask_BTS, rope, collect_kv=False, prefix_kv=None):
-    h, kv = self.attn(self.attn_norm(x_BTD), mask_BTS, rope, prefix_kv)
+  def __call__(self, x_BTD, mask, rope, collect_kv=False, prefix_kv=None):
+    h, kv = self.attn(self.attn_norm(x_BTD), mask, rope, prefix_kv)
     x_BTD = x_BTD + h
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), (kv if collect_kv else None)
 
@@ -124,9 +125,10 @@ class DiffusionLM(nnx.Module):
 
     valid_BT: bool key-padding mask (None: every position is a key).
     positions_BT: RoPE positions (default 0..T-1).
-    mask_BTS: a full attention mask instead (e.g. Prefix-DLM's); overrides valid_BT.
+    mask_BTS: a full attention mask instead (e.g. Prefix-DLM's); overrides valid_BT
+      (the splash kernel cannot express it: such calls run on XLA's attention).
     """
-    h, _ = self._blocks(x_BTD, positions_BT, self._mask(x_BTD, valid_BT, mask_BTS))
+    h, _ = self._blocks(x_BTD, positions_BT, valid_BT if mask_BTS is None else mask_BTS)
     return self.final_norm(h)
 
   def prefill(self, x_BPD, valid_BP=None) -> tuple[KVCache, jax.Array]:
@@ -139,7 +141,7 @@ class DiffusionLM(nnx.Module):
     valid = jnp.ones((b, p), bool) if valid_BP is None else valid_BP
     # Real tokens take positions 0..n-1 even when the bucket pads the prefix.
     positions = jnp.cumsum(valid, axis=1) - 1
-    h, (k, v) = self._blocks(x_BPD, positions, self._mask(x_BPD, valid, None), collect_kv=True)
+    h, (k, v) = self._blocks(x_BPD, positions, valid, collect_kv=True)
     return KVCache(k, v, valid, valid.sum(axis=1)), self.final_norm(h)
 
   def hidden_with_cache(self, x_BLD, cache: KVCache):
@@ -150,23 +152,18 @@ class DiffusionLM(nnx.Module):
     """
     b, l, _ = x_BLD.shape
     positions = cache.length[:, None] + jnp.arange(l)[None, :]
-    mask = jnp.concatenate([jnp.broadcast_to(cache.valid[:, None, :], (b, l, cache.valid.shape[1])),
-                            jnp.ones((b, l, l), bool)], axis=2)
-    h, _ = self._blocks(x_BLD, positions, mask, prefix_kv=(cache.k, cache.v))
+    # Key padding over [prefix, canvas]: the same for every canvas query.
+    valid = jnp.concatenate([cache.valid, jnp.ones((b, l), bool)], axis=1)
+    h, _ = self._blocks(x_BLD, positions, valid, prefix_kv=(cache.k, cache.v))
     return self.final_norm(h)
 
-  def _mask(self, x_BTD, valid_BT, mask_BTS):
-    if mask_BTS is not None or valid_BT is None:
-      return mask_BTS
-    b, t, _ = x_BTD.shape
-    return jnp.broadcast_to(valid_BT[:, None, :], (b, t, t))
-
-  def _blocks(self, x_BTD, positions_BT, mask_BTS, collect_kv=False, prefix_kv=None):
+  def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None):
+    """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`)."""
     b, t, _ = x_BTD.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
-    return layers.scan_layers(self.blocks, x_BTD.astype(self.dtype), mask_BTS, rope,
+    return layers.scan_layers(self.blocks, x_BTD.astype(self.dtype), mask, rope,
                               collect_kv, xs=prefix_kv, remat=self.cfg.remat)
 
   def logits_from_hidden(self, h_BTD):
