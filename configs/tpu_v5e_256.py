@@ -10,6 +10,13 @@ Mesh (data=1, fsdp=128, tensor=2): 128 examples cannot split over 256 chips, so 
 Layers scanned with full remat; bf16 compute, fp32 master weights and Adam state.
 Pallas splash attention is future work. AOT compile and memory/MFU estimate:
 `benchmarks/aot_tpu.py` (benchmarks/README.md).
+
+Two slices (2 x v5e-256; `launch/train.sh --num-slices=2` adds the first override):
+`--config.dcn_mesh=2,1,1` puts the data axis across the slices (only the gradient
+all-reduce crosses the data-centre network); a micro-batch must split over the
+data x fsdp chips of both: stage 1 `--config.train.grad_accum=2
+--config.train.batch_size=128`; stages 2/3 have 128 examples for 2 x 128 such chips,
+so also `--config.mesh=1,64,4` (stage 1's layout per slice; not AOT-compiled).
 """
 import os
 import sys

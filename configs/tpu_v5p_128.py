@@ -11,6 +11,12 @@ bf16 compute, fp32 master weights.
 Attention is plain XLA (it materialises the [T, T] scores per head: the reason for
 the micro-batching at T=8192); Pallas splash attention is future work. The AOT
 compile of this config for v4/v5p/v5e topologies is `benchmarks/aot_tpu.py`.
+
+Two slices (2 x v5p-128; `launch/train.sh --num-slices=2` adds the first override):
+`--config.dcn_mesh=2,1,1` puts the data axis across the slices (each keeps this mesh
+over its own 64 chips, so only the gradient all-reduce crosses the data-centre
+network), and a micro-batch must split over all 128 chips: stages 2/3
+`--config.train.grad_accum=1 --config.train.batch_size=128`, stage 1 `4` and `64`.
 """
 import os
 import sys

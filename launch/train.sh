@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Start training on every worker: python -m lavida_jax.main in the background (nohup),
 # one log per worker in ~/lavida-logs/RUN.<hostname>.log and its pid in
-# ~/lavida-logs/RUN.pid. Every --config.* flag is passed through.
+# ~/lavida-logs/RUN.pid. Every --config.* flag is passed through; with --num-slices=N > 1
+# it adds --config.dcn_mesh=N,1,1 (data parallelism across the slices).
 # Flags: launch/common.sh, plus
 #   --workdir=gs://BUCKET/PATH   checkpoints and metrics (LAVIDA_WORKDIR; required)
 #   --config=FILE[:ARGS]         default: the slice's config, e.g. configs/tpu_v4_64.py
@@ -35,6 +36,11 @@ RUN=${RUN:-$(basename "$WORKDIR")}
 [[ $RUN =~ ^[A-Za-z0-9_.-]+$ ]] || die "--run '$RUN' must be letters, digits, '.', '_' or '-'"
 
 job="\$HOME/$VENV/bin/python -m lavida_jax.main $(quote "--config=$CONFIG") $(quote "--workdir=$WORKDIR") --distributed"
+# Several slices: the data axis spans them (a hybrid ICI x DCN mesh), unless the caller
+# lays them out differently with their own --config.dcn_mesh.
+if ((NUM_SLICES > 1)) && [[ " ${OVERRIDES[*]-} " != *" --config.dcn_mesh="* ]]; then
+  job+=" --config.dcn_mesh=$NUM_SLICES,1,1"
+fi
 for override in ${OVERRIDES[@]+"${OVERRIDES[@]}"}; do
   job+=" $(quote "$override")"
 done

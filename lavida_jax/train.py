@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import signal
 import time
@@ -240,6 +241,25 @@ def make_step(graphdef, tx, sc, schedules, shardings, batch_sharding):
                  out_shardings=(shardings, None), donate_argnums=0)
 
 
+def make_mesh(cfg):
+  """cfg.mesh within each slice x cfg.dcn_mesh across slices; refuses a micro-batch
+  (train.batch_size) that does not split over the data-parallel devices, before the
+  minutes of model init rather than at the first step."""
+  mesh = sharding.make_mesh(tuple(cfg.mesh), dcn_shape=tuple(cfg.dcn_mesh))
+  shards = math.prod(mesh.shape[a] for a in dict(sharding.DEFAULT_RULES)["batch"])
+  b, accum = cfg.train.batch_size, cfg.train.grad_accum
+  if b % shards:
+    k = shards // math.gcd(b, shards)
+    hint = (f"; e.g. --config.train.grad_accum={accum // k} --config.train.batch_size={b * k}"
+            if accum % k == 0 else "")
+    raise ValueError(
+        f"train.batch_size {b} (one micro-batch; grad_accum {accum}) does not split over the "
+        f"{shards} data-parallel devices of mesh {dict(mesh.shape)} (config.mesh "
+        f"{tuple(cfg.mesh)} per slice x config.dcn_mesh {tuple(cfg.dcn_mesh)}): make it a "
+        f"multiple of {shards}{hint}")
+  return mesh
+
+
 def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
   """Trains as `cfg` says; resumes from WORKDIR's newest checkpoint.
 
@@ -249,7 +269,7 @@ def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
   Returns the final summary (step, last loss, eval metrics, wall time).
   """
   t_start = time.perf_counter()
-  mesh = sharding.make_mesh(tuple(cfg.mesh))
+  mesh = make_mesh(cfg)
   mcfg = model_config(cfg, data.specials, len(data.tokenizer))
   sc = step_config(cfg, mcfg, data.tokenizer)
   groups = STAGE_GROUPS[cfg.train.stage]

@@ -80,9 +80,26 @@ def test_train_multislice_and_environment():
                 "--env=LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2")
   assert line.startswith("gcloud compute tpus queued-resources ssh lavida-v4 "
                          "--zone=us-central2-b --node=all --worker=all '--command=")
+  # Two slices: the data axis spans them (config.dcn_mesh), before the caller's overrides.
   assert ("nohup env '\\''LIBTPU_INIT_ARGS=--xla_a=1 --xla_b=2'\\'' "
           "$HOME/lavida-venv/bin/python -m lavida_jax.main --config=configs/tpu_v5p_128.py "
-          "--workdir=gs://b/x --distributed >") in line
+          "--workdir=gs://b/x --distributed --config.dcn_mesh=2,1,1 >") in line
+
+
+def test_train_two_v5p_128_slices_as_workspace_md_says():
+  assert dry("train.sh", "--slice=v5p-128", "--num-slices=2", "--workdir=gs://b/run2",
+             "--config=configs/tpu_v5p_128.py:model=lavida-llada,stage=2",
+             "--config.train.grad_accum=1", "--config.train.batch_size=128") == [
+      "gcloud compute tpus queued-resources ssh lavida-v4 --zone=us-central2-b --node=all "
+      "--worker=all '--command=set -e; cd $HOME; mkdir -p lavida-logs; cd lavida-jax; "
+      "nohup $HOME/lavida-venv/bin/python -m lavida_jax.main "
+      "--config=configs/tpu_v5p_128.py:model=lavida-llada,stage=2 --workdir=gs://b/run2 "
+      "--distributed --config.dcn_mesh=2,1,1 --config.train.grad_accum=1 "
+      "--config.train.batch_size=128 > $HOME/lavida-logs/run2.$(hostname).log 2>&1 "
+      "< /dev/null & echo $! > $HOME/lavida-logs/run2.pid'"]
+  # A layout of the caller's own is passed through alone.
+  (line,) = dry("train.sh", "--num-slices=2", "--workdir=gs://b/x", "--config.dcn_mesh=1,2,1")
+  assert line.count("dcn_mesh") == 1 and " --distributed --config.dcn_mesh=1,2,1 >" in line
 
 
 def test_watch_stop_delete_v4_64():

@@ -1,4 +1,9 @@
-"""Sharded over 8 fake devices (data x fsdp x tensor) == one device."""
+"""Sharded over 8 fake devices (data x fsdp x tensor) == one device; multi-slice meshes
+from fake devices that carry a slice_index."""
+import dataclasses
+import os
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -11,6 +16,9 @@ from lavida_jax import sharding
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 from tests.conftest import assert_close
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+import cpu_demo  # noqa: E402
+
 
 def test_make_mesh_sizes():
   mesh = sharding.make_mesh((2, -1, 2))
@@ -20,6 +28,92 @@ def test_make_mesh_sizes():
   with pytest.raises(ValueError, match="at most one"):
     sharding.make_mesh((-1, -1, 2))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeDevice:
+  """What the mesh builder reads of a TPU device. Platform "fake" (not "tpu") makes
+  jax's per-slice mesh keep the listed order, so the expected layout is exact."""
+  id: int
+  slice_index: int = 0
+  platform: str = "fake"
+  device_kind: str = "fake"
+  coords: tuple[int, int, int] = (0, 0, 0)  # TPU chip position on the torus
+  core_on_chip: int = 0
+
+
+def _slices(n_slices, per_slice):
+  devices = [FakeDevice(i, i // per_slice) for i in range(n_slices * per_slice)]
+  return devices[per_slice:] + devices[:per_slice]  # listed out of slice order
+
+
+def test_multislice_mesh_spans_slices_on_the_data_axis():
+  mesh = sharding.make_mesh((2, -1, 1), _slices(2, 4), dcn_shape=(2, 1, 1))
+  assert dict(mesh.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+  slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slice_of[:2] == 0).all() and (slice_of[2:] == 1).all()
+  # Slice s is one whole (data 2 x fsdp 2) block: its devices in its own ICI order.
+  assert [d.id for d in mesh.devices[2:].flat] == [4, 5, 6, 7]
+  # So each slice holds one contiguous half of the batch: only gradients cross DCN.
+  rows = sharding.batch_sharding(mesh, 1).devices_indices_map((16,))
+  assert {d.id: i[0].start for d, i in rows.items() if d.slice_index == 1} == {
+      4: 8, 5: 10, 6: 12, 7: 14}
+
+
+def test_multislice_mesh_on_another_axis():
+  mesh = sharding.make_mesh((1, 2, 2), _slices(2, 4), dcn_shape=(1, 2, 1))
+  assert dict(mesh.shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+  slice_of = np.vectorize(lambda d: d.slice_index)(mesh.devices)
+  assert (slice_of[:, :2] == 0).all() and (slice_of[:, 2:] == 1).all()
+
+
+def test_multislice_mistakes_are_named():
+  with pytest.raises(ValueError, match=r"spans 2 slice\(s\), but the 8 devices are in 1"):
+    sharding.make_mesh((1, -1, 1), dcn_shape=(2, 1, 1))  # CPU devices: one slice
+  with pytest.raises(ValueError, match="--config.dcn_mesh=2,1,1"):
+    sharding.make_mesh((1, -1, 1), _slices(2, 4))  # two slices, dcn_mesh left at 1
+  with pytest.raises(ValueError, match="4 devices per slice do not split"):
+    sharding.make_mesh((3, -1, 1), _slices(2, 4), dcn_shape=(2, 1, 1))
+  with pytest.raises(ValueError, match="needs 8 devices per slice, have 4"):
+    sharding.make_mesh((2, 4, 1), _slices(2, 4), dcn_shape=(2, 1, 1))
+  uneven = [FakeDevice(i, int(i >= 3)) for i in range(8)]
+  with pytest.raises(ValueError, match=r"different device counts \[3, 5\]"):
+    sharding.make_mesh((1, -1, 1), uneven, dcn_shape=(2, 1, 1))
+  with pytest.raises(ValueError, match=">= 1"):
+    sharding.make_mesh((1, -1, 1), dcn_shape=(-1, 1, 1))
+
+
+
+def test_tpu_mesh_splits_a_torus_axis_only_when_it_must():
+  # A v5p-128 as mesh building sees it (v5p reports "TPU v5"): 64 chips, a 4x4x4 torus.
+  chips = [FakeDevice(i, platform="tpu", device_kind="TPU v5",
+                      coords=(i % 4, i // 4 % 4, i // 16)) for i in range(64)]
+  auto = (jax.sharding.AxisType.Auto,) * 3
+  # tpu_v5p_128's stage-1 mesh: no product of whole torus axes is 2.
+  with pytest.raises(NotImplementedError):
+    jax.make_mesh((1, 32, 2), sharding.MESH_AXES, auto, devices=chips)
+  mesh = sharding.make_mesh((1, 32, 2), chips)
+  for pair in mesh.devices.reshape(32, 2):  # each tensor pair: torus neighbours
+    assert sum(abs(a - b) for a, b in zip(pair[0].coords, pair[1].coords)) == 1
+  # A layout of whole axes keeps jax.make_mesh's order (what benchmarks/README.md's AOT
+  # rows were compiled with).
+  for shape in ((1, 64, 1), (1, 16, 4)):
+    ours = sharding.make_mesh(shape, chips).devices
+    theirs = jax.make_mesh(shape, sharding.MESH_AXES, auto, devices=chips).devices
+    assert [d.id for d in ours.flat] == [d.id for d in theirs.flat]
+
+def test_train_mesh_refuses_a_micro_batch_that_does_not_split():
+  from lavida_jax import train
+
+  cfg = cpu_demo.get_config()
+  cfg.mesh, cfg.train.batch_size, cfg.train.grad_accum = (2, 4, 1), 4, 2
+  with pytest.raises(ValueError, match="grad_accum=1 --config.train.batch_size=8"):
+    train.make_mesh(cfg)
+  cfg.train.batch_size, cfg.train.grad_accum = 8, 1
+  assert dict(train.make_mesh(cfg).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  cfg.dcn_mesh = (2, 1, 1)
+  with pytest.raises(ValueError, match="dcn_mesh"):
+    train.make_mesh(cfg)
 
 def test_logical_rules_drop_axes_that_do_not_divide():
   mesh = sharding.make_mesh((2, 2, 2))
