@@ -14,8 +14,8 @@ and memory/MFU estimate: `benchmarks/aot_tpu.py` (benchmarks/README.md).
 Two slices (2 x v4-64; `launch/train.sh --num-slices=2` adds the first override):
 `--config.dcn_mesh=2,1,1` puts the data axis across the slices (each keeps this mesh
 over its own 32 chips, so only the gradient all-reduce crosses the data-centre
-network), and a micro-batch must split over all 64 chips: stages 2/3
-`--config.train.grad_accum=2 --config.train.batch_size=64`, stage 1 `8` and `32`.
+network). A micro-batch must then split over all 64 chips: halve train.grad_accum and
+double train.batch_size (the job names the values otherwise; WORKSPACE.md, Multi-slice).
 """
 import os
 import sys

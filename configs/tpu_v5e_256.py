@@ -13,10 +13,10 @@ Pallas splash attention is future work. AOT compile and memory/MFU estimate:
 
 Two slices (2 x v5e-256; `launch/train.sh --num-slices=2` adds the first override):
 `--config.dcn_mesh=2,1,1` puts the data axis across the slices (only the gradient
-all-reduce crosses the data-centre network); a micro-batch must split over the
-data x fsdp chips of both: stage 1 `--config.train.grad_accum=2
---config.train.batch_size=128`; stages 2/3 have 128 examples for 2 x 128 such chips,
-so also `--config.mesh=1,64,4` (stage 1's layout per slice; not AOT-compiled).
+all-reduce crosses the data-centre network). A micro-batch must then split over the
+data x fsdp chips of both: stage 1 halves train.grad_accum and doubles
+train.batch_size; stages 2/3 (grad_accum 1) keep them and take stage 1's layout per
+slice, `--config.mesh=1,64,4` (not AOT-compiled for stage 2; WORKSPACE.md, Multi-slice).
 """
 import os
 import sys

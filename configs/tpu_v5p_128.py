@@ -15,8 +15,8 @@ compile of this config for v4/v5p/v5e topologies is `benchmarks/aot_tpu.py`.
 Two slices (2 x v5p-128; `launch/train.sh --num-slices=2` adds the first override):
 `--config.dcn_mesh=2,1,1` puts the data axis across the slices (each keeps this mesh
 over its own 64 chips, so only the gradient all-reduce crosses the data-centre
-network), and a micro-batch must split over all 128 chips: stages 2/3
-`--config.train.grad_accum=1 --config.train.batch_size=128`, stage 1 `4` and `64`.
+network). A micro-batch must then split over all 128 chips: halve train.grad_accum and
+double train.batch_size (the job names the values otherwise; WORKSPACE.md, Multi-slice).
 """
 import os
 import sys
