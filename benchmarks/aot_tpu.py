@@ -224,6 +224,7 @@ def worker(name: str, arg: str | None, overrides, mode: str) -> dict:
   import jax
   from jax.experimental import topologies
 
+  from lavida_jax import flops as flops_lib
   from lavida_jax import sharding
 
   cfg = load_config(name, arg, overrides)
@@ -250,6 +251,10 @@ def worker(name: str, arg: str | None, overrides, mode: str) -> dict:
   out["while_loops"] = len(re.findall(r"\bwhile\(", hlo))
   targets = re.findall(r'custom_call_target="([^"]+)"', hlo)
   out["custom_calls"] = {t: targets.count(t) for t in sorted(set(targets))}
+  out["splash_calls"] = splash_calls(hlo)
+  # Every Pallas call must be a splash kernel we priced.
+  out["unpriced_pallas_calls"] = (out["custom_calls"].get("tpu_custom_call", 0)
+                                  - sum(out["splash_calls"].values()))
   if mode == "memory":
     m = compiled.memory_analysis()
     total = (m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes
@@ -266,11 +271,14 @@ def worker(name: str, arg: str | None, overrides, mode: str) -> dict:
     corrected = optimal + negative
     # cost_analysis() describes one device's partition of the SPMD program: its
     # seconds are the step's, its flops are per chip (x devices for the slice).
+    splash = splash_flops(out["splash_calls"])  # per chip: Pallas calls carry no cost
+    splash_s = splash / flops_lib.PEAK_BF16[info["peak"]]
     out.update(xla_flops_micro=float(cost.get("flops", 0.0)) * len(devices),
                bytes_accessed_micro=float(cost.get("bytes accessed", 0.0)),
                optimal_seconds_micro=optimal, negative_calls=negative,
-               step_seconds=corrected * accum,
-               xla_flops_step=float(cost.get("flops", 0.0)) * len(devices) * accum)
+               splash_flops_micro=splash * len(devices), splash_seconds_micro=splash_s,
+               step_seconds=(corrected + splash_s) * accum,
+               xla_flops_step=(float(cost.get("flops", 0.0)) + splash) * len(devices) * accum)
   out["model_flops"] = model_flops(cfg, mcfg, groups)
   return out
 
@@ -324,6 +332,48 @@ def negative_calls(name: str, custom_calls: dict) -> int:
   return sum(custom_calls.get(t, 0) for t in SLICES[name]["negative_calls"])
 
 
+# Matmuls of [L, L] x H per (example, query head) in each splash kernel (JAX's
+# splash_attention_kernel.py): forward QK^T, PV; dq QK^T (recomputed), dO V^T, dS K;
+# dkv QK^T (recomputed), dO V^T, P^T dO, dS^T Q.
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_SPLASH_CALL = re.compile(r"%splash_mha_(fwd|dq|dkv)[\w.]* = \(([^=]*?)\) custom-call\(")
+_SHAPE_4D = re.compile(r"(?:bf16|f16|f32)\[(\d+),(\d+),(\d+),(\d+)\]")
+
+
+def splash_calls(hlo: str) -> dict:
+  """Splash kernel calls in optimized HLO: {"kind B heads L H": count}.
+
+  The first 4-D array a call returns is [B, heads, L, H] of this chip's shard (the
+  output, dq, or dk): query heads for fwd/dq, kv heads for dkv; L the padded length
+  (queries = keys in every training call).
+  """
+  out: dict[str, int] = {}
+  for m in _SPLASH_CALL.finditer(hlo):
+    shape = _SHAPE_4D.search(m.group(2))
+    if shape is None:
+      raise ValueError(f"splash call without a 4-D result: {m.group(0)[:200]}")
+    key = " ".join((m.group(1), *shape.groups()))
+    out[key] = out.get(key, 0) + 1
+  return out
+
+
+def splash_flops(calls: dict) -> float:
+  """Per-chip FLOPs of the splash calls (2 per multiply-add, like lavida_jax.flops).
+
+  A call of kind k on [B, N, L, H] does SPLASH_MATMULS[k] matmuls of 2 B N L^2 H. A dkv
+  call reports kv heads; its query heads (GQA) are those of the fwd call with the
+  same B, L and H.
+  """
+  parsed = [(k.split()[0], *map(int, k.split()[1:]), n) for k, n in calls.items()]
+  q_heads = {(b, l, h): heads for kind, b, heads, l, h, _ in parsed if kind != "dkv"}
+  total = 0.0
+  for kind, b, heads, l, h, n in parsed:
+    if kind == "dkv":
+      heads = q_heads.get((b, l, h), heads)
+    total += n * SPLASH_MATMULS[kind] * 2.0 * b * heads * l * l * h
+  return total
+
+
 def extrapolate(name, arg, overrides, one: dict, two: dict) -> dict:
   """Full-depth loop-free cost from compiles with 1 and 2 layers (LM and vision).
 
@@ -353,14 +403,19 @@ def extrapolate(name, arg, overrides, one: dict, two: dict) -> dict:
     d = r2 - r1
     return r1 + n_lm * share * d + n_vis * (1 - share) * d
 
-  sec = lambda r: r["optimal_seconds_micro"] + negative_calls(name, r["custom_calls"])
+  sec = lambda r: (r["optimal_seconds_micro"] + negative_calls(name, r["custom_calls"])
+                   + r.get("splash_seconds_micro", 0.0))
   micro_s = full(sec(one), sec(two))
-  micro_flops = full(one["xla_flops_micro"], two["xla_flops_micro"])
+  fl = lambda r: r["xla_flops_micro"] + r.get("splash_flops_micro", 0.0)
+  micro_flops = full(fl(one), fl(two))
+  splash = full(one.get("splash_flops_micro", 0.0), two.get("splash_flops_micro", 0.0))
+  splash_s = full(one.get("splash_seconds_micro", 0.0), two.get("splash_seconds_micro", 0.0))
   return dict(config=name, mode="flops", method="1- and 2-layer loop-free compiles, "
               f"extrapolated to {mcfg.lm.n_layers} LM / {v.depth} vision layers",
               mesh=one["mesh"], grad_accum=accum, lm_share_of_layer_pair=round(share, 4),
               optimal_seconds_micro=micro_s, step_seconds=micro_s * accum,
-              xla_flops_step=micro_flops * accum,
+              xla_flops_step=micro_flops * accum, splash_flops_step=splash * accum,
+              splash_seconds_step=splash_s * accum,
               negative_calls=f"{negative_calls(name, one['custom_calls'])}/"
                              f"{negative_calls(name, two['custom_calls'])}",
               while_loops=max(one["while_loops"], two["while_loops"]),
@@ -400,6 +455,7 @@ def summarise(name, mem: dict, fl: dict) -> dict:
                                      flops.PEAK_BF16[info["peak"]]), 3)
     row["model_tflop"] = round(model / 1e12, 1)
     row["xla_tflop"] = round(fl["xla_flops_step"] / 1e12, 1)
+    row["splash_tflop"] = round(fl.get("splash_flops_step", 0.0) / 1e12, 1)
     row["negative_calls"] = fl["negative_calls"]
     row["loops_left"] = fl["while_loops"]
   else:
@@ -409,12 +465,14 @@ def summarise(name, mem: dict, fl: dict) -> dict:
 
 def table(rows) -> str:
   head = ("| config | topology | mesh (d×f×t) | accum | GiB/chip | fits | est. step s "
-          "| est. MFU | model TFLOP | XLA TFLOP | −1 s calls (1/2 layers) | loops left |")
+          "| est. MFU | model TFLOP | XLA TFLOP | of which splash (hand) "
+          "| −1 s calls (1/2 layers) | loops left |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     lines.append("| " + " | ".join(str(r.get(k, "-")) for k in (
         "config", "topology", "mesh", "grad_accum", "gib_per_chip", "fits", "est_step_s",
-        "est_mfu", "model_tflop", "xla_tflop", "negative_calls", "loops_left")) + " |")
+        "est_mfu", "model_tflop", "xla_tflop", "splash_tflop", "negative_calls",
+        "loops_left")) + " |")
   return "\n".join(lines)
 
 

@@ -5,11 +5,11 @@
 
 Mesh (data=1, fsdp=128, tensor=2): 128 examples cannot split over 256 chips, so a
 2-way tensor axis (heads, MLP width, vocabulary) pairs chips; FSDP over the other
-128. 16 GiB per chip: micro-batches keep plain XLA attention's [T, T] scores small
-(train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples).
+128. 16 GiB per chip (train.batch_size is one micro-batch; a step sees batch_size x
+grad_accum examples). Attention (LM and vision tower) is JAX's Pallas splash kernel
+(`attention_impl="splash"`: no [T, T] scores in HBM).
 Layers scanned with full remat; bf16 compute, fp32 master weights and Adam state.
-Pallas splash attention is future work. AOT compile and memory/MFU estimate:
-`benchmarks/aot_tpu.py` (benchmarks/README.md).
+AOT compile and memory/MFU estimate: `benchmarks/aot_tpu.py` (benchmarks/README.md).
 
 Two slices (2 x v5e-256; `launch/train.sh --num-slices=2` adds the first override):
 `--config.dcn_mesh=2,1,1` puts the data axis across the slices (only the gradient
@@ -35,7 +35,7 @@ def get_config(arg: str | None = None):
   c.mesh = MESH[args["stage"]]
   c.model.size = "full"
   c.model.image_size = 384
-  c.model.lm.attention_impl = "xla"  # splash attention (Pallas): future work
+  c.model.lm.attention_impl = "splash"  # Pallas TPU kernel; also the vision tower's
   c.data.source = "gs://YOUR_BUCKET/lavida/data"  # tfds data_dir or LLaVA JSON
   c.data.image_folder = "gs://YOUR_BUCKET/lavida/images"
   c.data.tokenizer = "gs://YOUR_BUCKET/lavida/tokenizer"

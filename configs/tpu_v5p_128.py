@@ -8,9 +8,10 @@ master weights and Adam moments and, per micro-batch, 2 of the 64x2 complementar
 masking rows of a stage-2 step (2 micro-batches of 64). Layers scanned; remat policy
 `dots` in stages 2/3 (weight-matmul outputs saved), full remat at stage 1's T=8192;
 bf16 compute, fp32 master weights.
-Attention is plain XLA (it materialises the [T, T] scores per head: the reason for
-the micro-batching at T=8192); Pallas splash attention is future work. The AOT
-compile of this config for v4/v5p/v5e topologies is `benchmarks/aot_tpu.py`.
+Attention (LM and vision tower) is JAX's Pallas splash-attention kernel
+(`attention_impl="splash"`): no [T, T] scores in HBM, which XLA's attention spent most
+of a layer's time writing and reading. The AOT compile of this config for v4/v5p/v5e
+topologies is `benchmarks/aot_tpu.py` (est. MFU: benchmarks/README.md).
 
 Two slices (2 x v5p-128; `launch/train.sh --num-slices=2` adds the first override):
 `--config.dcn_mesh=2,1,1` puts the data axis across the slices (each keeps this mesh
@@ -26,8 +27,9 @@ import base  # noqa: E402  pylint: disable=g-import-not-at-top
 
 MESH = {1: (1, 32, 2), 2: (1, 64, 1), 3: (1, 64, 1)}  # (data, fsdp, tensor), by stage
 GRAD_ACCUM = {1: 8, 2: 2, 3: 2}  # micro-batches per step, by stage
-# Stages 2/3: save the weight matmuls' outputs (no recompute of them; 48 GiB/chip in
-# two micro-batches, est. MFU 0.41 vs 0.33 with full remat: benchmarks/README.md).
+# Stages 2/3: save the weight matmuls' outputs (no recompute of them). With splash
+# attention: 38 GiB/chip in two micro-batches, est. MFU 0.69 (XLA attention: 0.41, and
+# 0.33 with full remat): benchmarks/README.md.
 REMAT = {1: "full", 2: "dots", 3: "dots"}
 
 
@@ -38,7 +40,7 @@ def get_config(arg: str | None = None):
   c.mesh = MESH[args["stage"]]
   c.model.size = "full"
   c.model.image_size = 384
-  c.model.lm.attention_impl = "xla"  # splash attention (Pallas): future work
+  c.model.lm.attention_impl = "splash"  # Pallas TPU kernel; also the vision tower's
   c.data.source = "gs://YOUR_BUCKET/lavida/data"  # tfds data_dir or LLaVA JSON
   c.data.image_folder = "gs://YOUR_BUCKET/lavida/images"
   c.data.tokenizer = "gs://YOUR_BUCKET/lavida/tokenizer"

@@ -66,8 +66,10 @@ def test_every_model_and_stage_loads(name):
       assert c.train.batch_size % (d * f) == 0, (name, stage, c.mesh, c.train.batch_size)
       # Capacity: the label tokens of one micro-batch can never exceed B x T.
       assert c.train.capacity == c.train.batch_size * c.data.length
+      # Fused attention everywhere (no [T, T] scores in HBM): cuDNN on GPU, Pallas
+      # splash on TPU (LM and vision tower).
       impl = c.model.lm.attention_impl
-      assert impl == ("cudnn" if name.startswith("gpu") else "xla")
+      assert impl == ("cudnn" if name.startswith("gpu") else "splash")
 
 
 def test_capacity_follows_overrides():
@@ -206,11 +208,15 @@ def test_shrunk_tpu_config_lowers_and_compiles_on_8_devices():
       "model.vision.mlp_dim=32", "data.length=64", "train.batch_size=4",
       "train.grad_accum=2", "train.vocab_chunk=64"]
   cfg = aot.load_config("tpu_v5p_128", "model=lavida-llada,stage=2", overrides)
+  assert cfg.model.lm.attention_impl == "splash"
+  # The same kernel, in Pallas interpret mode: CPU devices cannot run Mosaic code.
+  with cfg.unlocked():
+    cfg.model.lm.attention_impl = "splash_interpret"
   assert cfg.train.capacity == 4 * 64  # the reference follows the overrides
   mesh = sharding.make_mesh(tuple(cfg.mesh))
   run, state, batch, mcfg, groups = aot.abstract_step(cfg, mesh)
   assert mcfg.lm.d_model == 32 and mcfg.lm.remat == "dots" and mcfg.vision.remat == "dots"
-  assert mcfg.lm.attention_impl == "xla" and mcfg.connector.anyres
+  assert mcfg.lm.attention_impl == "splash_interpret" and mcfg.connector.anyres
   assert batch["input_ids"].shape == (8, 64)  # batch_size x grad_accum examples per step
   assert batch["pixel_values"].shape[:2] == (8, mcfg.image.max_views)
   embed = state["params"]["lm"]["embed"]
@@ -249,3 +255,22 @@ def test_aot_extrapolates_per_layer_and_corrects_negative_calls():
   assert r["step_seconds"] == pytest.approx(r["optimal_seconds_micro"] * accum)
   assert r["xla_flops_step"] == pytest.approx((10 + 31 * s * 2 + 25 * (1 - s) * 2) * accum,
                                               rel=1e-3)
+
+
+def test_aot_prices_splash_calls_by_hand():
+  """Pallas calls carry no cost in cost_analysis: aot_tpu reads them from the HLO.
+
+  fwd + dq + dkv on one [B, N, L, H] shard are 2 + 3 + 4 matmuls of 2 B N L^2 H;
+  a GQA dkv call (it returns kv heads) is priced with the fwd call's query heads.
+  """
+  aot = _aot()
+  out = lambda k: f"(f32[2,512,128]{{2,1,0:T(8,128)}}, bf16[2,{k},4096,128]{{3,2,1,0}})"
+  hlo = "\n".join([
+      "  %splash_mha_fwd_no_residuals.3 = " + out(28) + " custom-call(%a, %b)",
+      "  %splash_mha_fwd_residuals.1 = " + out(28) + " custom-call(%a, %b)",
+      "  %splash_mha_dq_no_residuals.1 = " + out(28) + " custom-call(%a)",
+      "  %splash_mha_dkv_no_residuals = " + out(4) + " custom-call(%a)",
+      "  %fusion.1 = bf16[2,28,4096,128]{3,2,1,0} fusion(%a), kind=kLoop"])
+  calls = aot.splash_calls(hlo)
+  assert calls == {"fwd 2 28 4096 128": 2, "dq 2 28 4096 128": 1, "dkv 2 4 4096 128": 1}
+  assert aot.splash_flops(calls) == (2 + 2 + 3 + 4) * 2 * 2 * 28 * 4096 ** 2 * 128
