@@ -109,8 +109,9 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None
   may attend) or bool [B, T, S] (True where query t may attend key s).
   implementation: None/'xla' (any backend), 'cudnn' (GPU), 'splash' (TPU Pallas
   kernel, `splash_attention`) or 'splash_interpret' (the same kernel in Pallas
-  interpret mode: CPU tests). The splash kernel takes no mask and key padding;
-  an arbitrary [B, T, S] mask is not expressible with it and goes through XLA.
+  interpret mode: CPU tests). The splash path expresses no mask and key padding
+  (segment ids); an arbitrary [B, T, S] mask (none of the LM's own calls passes
+  one) is not expressible with it and goes through XLA's attention instead.
   """
   if implementation in SPLASH and (mask is None or mask.ndim == 2):
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask,
@@ -142,7 +143,8 @@ def splash_attention(q_BTNH, k_BSKH, v_BSKH, kv_valid_BS=None, *, interpret=Fals
   multiple of 128 and the padding is masked with splash `SegmentIds`: every query
   has segment 1, a real key 1, a padded key 0. So each query attends exactly to the
   real keys, as the XLA path's mask does (padded queries too: their outputs match
-  XLA's and are sliced off or ignored). Under a mesh (`jax.set_mesh`) the kernel
+  XLA's and are sliced off or ignored; only a row with no real key at all differs,
+  averaging over its padded keys). Under a mesh (`jax.set_mesh`) the kernel
   runs per shard in `jax.shard_map`: batch over the 'batch' rule's axes (data,
   fsdp), heads over 'tensor' when it divides both N and K.
   """
