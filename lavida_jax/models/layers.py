@@ -116,9 +116,11 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None
   if implementation in SPLASH and (mask is None or mask.ndim == 2):
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask,
                             interpret=implementation == "splash_interpret")
+  impl = "cudnn" if implementation == "cudnn" else None
   if mask is not None:
     mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
-  impl = "cudnn" if implementation == "cudnn" else None
+    if impl == "cudnn":  # cuDNN checks the mask's query axis: [B, 1, T, S]
+      mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q_BTNH.shape[1], mask.shape[-1]))
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
 
 
