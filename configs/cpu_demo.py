@@ -2,10 +2,10 @@
 held-out questions with the diffusion sampler (the embedded default of lavida_jax.main).
 
 Small on purpose (2 CPU cores, minutes): 56-px single-view images (4x4 = 16 image
-tokens), a 4-layer LLaDA-shaped LM of width 128, the shipped sentencepiece tokenizer,
-no system prompt. Measured (issue 3 notes): 58% held-out exact match after 800 steps;
-colours and counts are learnt, shape names lag at this resolution. Every code path is the real one: complementary masking, the
-jitted sharded step, Orbax checkpoints, the prefix-cache sampler.
+tokens, each shape inside one patch), a 3-layer LLaDA-shaped LM of width 96, a 2-layer
+vision tower of width 128, the shipped sentencepiece tokenizer, no system prompt.
+Every code path is the real one: complementary masking, the jitted sharded step,
+Orbax checkpoints, the prefix-cache sampler. Accuracy and wall time are in the README.
 
   python -m lavida_jax.main --config=configs/cpu_demo.py:model=lavida-dream
 """
@@ -24,26 +24,26 @@ def get_config(arg: str | None = None):
   c.model.size = "tiny"
   c.model.image_size = 56
   c.model.anyres = False
-  c.model.lm.d_model = 128
-  c.model.lm.n_layers = 4
+  c.model.lm.d_model = 96
+  c.model.lm.n_layers = 3
   c.model.lm.n_heads = 4
   c.model.lm.n_kv_heads = 1 if args["model"] == "lavida-dream" else 4
-  c.model.lm.head_dim = 32
-  c.model.lm.mlp_dim = 384
-  c.model.vision.width = 64
+  c.model.lm.head_dim = 24
+  c.model.lm.mlp_dim = 256
+  c.model.vision.width = 128
   c.model.vision.depth = 2
-  c.model.vision.num_heads = 2
-  c.model.vision.mlp_dim = 128
+  c.model.vision.num_heads = 4
+  c.model.vision.mlp_dim = 256
 
   c.data.source = "demo"
   c.data.tokenizer = "demo"
-  c.data.length = 48
+  c.data.length = 52  # the longest record (a 3-shape description) is 50 tokens
   c.data.system_prompt = False
-  c.data.demo_train = 3000  # scenes (2 questions each)
+  c.data.demo_train = 3000  # scenes (2 questions and a description each)
   c.data.demo_heldout = 100
   c.data.demo_root = ""  # where the demo set is generated ("": WORKDIR/demo_data)
 
-  c.train.steps = 800
+  c.train.steps = 1800
   c.train.batch_size = 32
   c.train.lr = dict(vision=1e-3, projector=1e-3, lm=1e-3)
   c.train.final_ratio = 0.1
@@ -57,6 +57,6 @@ def get_config(arg: str | None = None):
   c.eval.block_length = 4
   c.eval.steps = 4
 
-  c.checkpoint.every = 400
+  c.checkpoint.every = 600
   c.checkpoint.keep = 2
   return c

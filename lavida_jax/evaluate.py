@@ -128,12 +128,22 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dic
 
 
 def evaluate(generator: generate.Generator, pairs, task: str = "vqa",
-             batch_size: int = 8) -> dict:
-  """-> {metric..., n, errors, nfe, seconds_per_sample} (and per-sample outputs)."""
+             batch_size: int = 8, groups: Sequence[str] | None = None) -> dict:
+  """-> {metric..., n, errors, nfe, seconds_per_sample}.
+
+  groups: a label per pair (e.g. the question kind); adds "metric/label" for each.
+  """
   t0 = time.perf_counter()
   results = run_generation(generator, [r for r, _ in pairs], batch_size)
-  ok = [(res, ref) for res, (_, ref) in zip(results, pairs) if res.error is None]
+  keep = [i for i, res in enumerate(results) if res.error is None]
+  ok = [(results[i], pairs[i][1]) for i in keep]
   metrics = score(task, [r.text for r, _ in ok], [ref for _, ref in ok])
+  for g in sorted(set(groups or ())):
+    mine = [i for i in keep if groups[i] == g]
+    if not mine:  # every request of the group failed: counted in `errors`
+      continue
+    sub = score(task, [results[i].text for i in mine], [pairs[i][1] for i in mine])
+    metrics.update({f"{k}/{g}": v for k, v in sub.items()})
   metrics.update(n=len(ok), errors=len(results) - len(ok),
                  nfe=float(np.mean([r.nfe for r, _ in ok])) if ok else 0.0,
                  seconds_per_sample=(time.perf_counter() - t0) / max(len(pairs), 1))

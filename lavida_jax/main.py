@@ -72,19 +72,22 @@ def make_train_data(cfg, workdir: str):
     tok_path = cfg.data.tokenizer
     tokenizer = text.load_tokenizer(tok_path)
     specials = (text.SpecialTokens.dream() if template == "dream" else text.SpecialTokens.llada())
-  heldout = None
+  heldout, groups = None, None
   if cfg.data.source == "demo":
     root = cfg.data.get("demo_root") or os.path.join(workdir, "demo_data")
     files, data_dir = first_process_first(functools.partial(
         demo.prepare, root, seed=cfg.train.seed, num_train=cfg.data.demo_train,
         num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size))
     source = pipeline.open_source(data_dir, "train")  # the tfds ArrayRecord copy
-    heldout = evaluate.qa_pairs(demo.read_jsonl(files.qa["heldout"]), files.image_folder)
+    records = demo.read_jsonl(files.qa["heldout"])
+    heldout = evaluate.qa_pairs(records, files.image_folder)
+    groups = [r["kind"] for r in records]  # accuracy per question kind
   else:
     source = pipeline.open_source(cfg.data.source, image_folder=cfg.data.image_folder or None)
   if cfg.eval.data:
     heldout = evaluate.qa_pairs(evaluate.read_records(cfg.eval.data),
                                 cfg.data.image_folder or None)
+    groups = None
   system_prompt = text.SYSTEM_PROMPT if cfg.data.system_prompt else None
 
   def make_iterator(mcfg):
@@ -96,13 +99,18 @@ def make_train_data(cfg, workdir: str):
 
   data = TrainData(tokenizer, specials, tok_path if os.path.isfile(tok_path) else None,
                    system_prompt, make_iterator)
-  return data, heldout, system_prompt
+  return data, (heldout, groups) if heldout else None, system_prompt
 
 
 def make_evaluate_fn(cfg, data, heldout, system_prompt):
-  """(model, step) -> exact-match metrics on the held-out questions (the sampler)."""
+  """(model, step) -> exact-match metrics on the held-out questions (the sampler).
+
+  heldout: (pairs, groups) from make_train_data; groups (or None) labels each pair.
+  """
   if not heldout:
     return None
+  pairs, groups = heldout
+  n = cfg.eval.num_examples
   from lavida_jax import evaluate, generate
   from lavida_jax.diffusion.sampler import SamplerConfig
 
@@ -112,7 +120,7 @@ def make_evaluate_fn(cfg, data, heldout, system_prompt):
                          schedule=e.schedule, alpha=e.alpha, mask_id=model.cfg.lm.mask_id)
     gen = generate.Generator(model, data.tokenizer, scfg, prefix_cache=e.prefix_cache,
                              system_prompt=system_prompt)
-    return evaluate.evaluate(gen, heldout[:e.num_examples], "vqa", e.batch_size)
+    return evaluate.evaluate(gen, pairs[:n], "vqa", e.batch_size, groups and groups[:n])
 
   return run
 

@@ -101,15 +101,44 @@ def test_demo_is_deterministic(demo_files, tmp_path):
   train, heldout = (demo.read_jsonl(demo_files.qa[s]) for s in demo.SPLITS)
   assert not {r["image"] for r in train} & {r["image"] for r in heldout}
   answers = set(shapes.COLOURS) | set(shapes.SHAPES) | set(demo.NUMBERS)
+  describe = "<image>\n" + demo.QUESTION_KINDS["describe"]
+  captions = {r["image"]: r["conversations"][1]["value"]
+              for r in demo.read_jsonl(demo_files.captions["train"])}
   for r in train + heldout:
     human, gpt = r["conversations"]
     assert human["value"].startswith("<image>\n") and human["from"] == "human"
-    assert gpt["value"] in answers
+    if human["value"] == describe:  # training scenes only, answered by their caption
+      assert r in train and gpt["value"] == captions[r["image"]]
+    else:
+      assert gpt["value"] in answers
     assert os.path.isfile(os.path.join(demo_files.image_folder, r["image"]))
+  # Every training scene is described once; held-out questions are one word.
+  assert sum(r["conversations"][0]["value"] == describe for r in train) == 16
   # The first records of a split do not depend on how many are asked for.
   fewer = demo.generate(str(tmp_path / "fewer"), seed=0, num_train=5, num_heldout=1,
                         image_size=IMAGE, questions_per_image=2)
   assert demo.read_jsonl(fewer.qa["train"]) == [r for r in train if int(r["id"][6:12]) < 5]
+
+
+def test_grid_scenes_put_each_shape_inside_one_cell_of_its_own_column():
+  # At the demo's 56 px, a cell of the 4x4 grid is one 14-px vision patch.
+  for seed in range(50):
+    scene = shapes.sample_scene(np.random.default_rng(seed), (56, 56),
+                                side_fraction=demo.SIDE_FRACTION, grid=demo.GRID)
+    assert 1 <= len(scene) <= 3 and len({s.colour for s in scene}) == len(scene)
+    cells = []
+    for s in scene:
+      x0, y0, x1, y1 = s.box  # PIL draws x1, y1 inclusive
+      assert x0 // 14 == x1 // 14 and y0 // 14 == y1 // 14, s
+      assert 8 <= x1 - x0 < 14 and x1 - x0 == y1 - y0, s
+      cells.append((x0 // 14, y0 // 14))
+    assert len({c for c, _ in cells}) == len(cells)  # one shape per column
+    assert [c for c, _ in cells] == sorted(c for c, _ in cells)  # left to right
+    pixels = np.asarray(shapes.render(scene, (56, 56)))
+    for cx, cy in {(i, j) for i in range(4) for j in range(4)} - set(cells):
+      assert (pixels[cy * 14:(cy + 1) * 14, cx * 14:(cx + 1) * 14] == 90).all()
+  with pytest.raises(ValueError, match="fewer columns"):
+    shapes.sample_scene(np.random.default_rng(0), (56, 56), grid=2)
 
 
 def test_scene_questions_have_the_one_right_answer():
@@ -119,6 +148,7 @@ def test_scene_questions_have_the_one_right_answer():
   rng = np.random.default_rng(0)
   qa = demo.scene_questions([red_circle, blue_square], rng, tuple(demo.QUESTION_KINDS))
   assert qa["count"] == ("How many shapes are there?", "two")
+  assert qa["describe"][1] == "a red circle and a blue square"
   assert qa["leftmost_colour"][1] == "red" and qa["rightmost_colour"][1] == "blue"
   assert qa["colour_of_shape"] in {("What colour is the circle?", "red"),
                                    ("What colour is the square?", "blue")}

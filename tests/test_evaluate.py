@@ -52,6 +52,10 @@ def test_evaluate_counts_hits_errors_and_reports_nfe():
   assert out["exact_match"] == pytest.approx(3 / 5)
   assert out["n"] == 5 and out["errors"] == 1 and out["nfe"] == 5.0
   assert out["seconds_per_sample"] >= 0
+  # Per group (the demo's question kinds): q0, q1, q3 | q2, q4 | the broken one.
+  by = evaluate.evaluate(_Fixed(answers), pairs, "vqa", 4, ["a", "a", "b", "a", "b", "c"])
+  assert by["exact_match/a"] == pytest.approx(2 / 3) and by["exact_match/b"] == 0.5
+  assert "exact_match/c" not in by and by["exact_match"] == out["exact_match"]
 
 
 def test_qa_pairs_from_llava_records(tmp_path):

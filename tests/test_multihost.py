@@ -34,7 +34,7 @@ STEPS = 8
 BATCH = 8  # global; 4 rows per process
 ARGS = [f"--config.train.steps={STEPS}", f"--config.train.batch_size={BATCH}",
         "--config.data.demo_train=24", "--config.data.demo_heldout=4",
-        "--config.data.length=48", "--config.model.image_size=56",
+        "--config.data.length=52", "--config.model.image_size=56",
         "--config.eval.num_examples=0", "--config.log_every=1",
         "--config.checkpoint.every=2", "--config.checkpoint.keep=3"]
 TIMEOUT = 240  # seconds for any one wait (a hung collective fails the test, not CI)
@@ -270,7 +270,7 @@ def test_pipeline_slices_rows_by_process(tmp_path):
   source = pipeline.open_source(data_dir, "train")
 
   def batches(p, n):
-    it = iter(pipeline.make_dataset(source, mcfg, tok, specials, length=48,
+    it = iter(pipeline.make_dataset(source, mcfg, tok, specials, length=52,
                                     global_batch_size=BATCH, process_index=p,
                                     process_count=n, system_prompt=None))
     return it, [next(it)["input_ids"] for _ in range(3)]

@@ -2,17 +2,19 @@
 
 `generate(root, seed=0)` writes, deterministically from the seed:
 
-  root/images/{train,heldout}/NNNNNN.png   square scenes of 1-3 shapes (`shapes.py`)
+  root/images/{train,heldout}/NNNNNN.png   square scenes of 1-3 shapes on a 4x4 grid
   root/train.jsonl, root/heldout.jsonl     short-answer questions, one QA per record
   root/captions_{train,heldout}.jsonl      stage-1 captions: "<image>" -> caption
   root/manifest.json                       the arguments (a matching set is reused)
 
 `prepare(root, ...)` also writes the QA splits as tfds ArrayRecord under root/tfds.
 
-Records are LLaVA format, `{"id", "image": "train/000012.png", "conversations":
-[{"from": "human", "value": "<image>\\nWhat colour is the circle?"}, {"from": "gpt",
-"value": "red"}]}`, with image paths relative to `root/images`. Every question has
-exactly one one-word answer (the question kinds are in `QUESTION_KINDS`). Scene i of a
+Records are LLaVA format, `{"id", "image": "train/000012.png", "kind":
+"colour_of_shape", "conversations": [{"from": "human", "value": "<image>\\nWhat
+colour is the circle?"}, {"from": "gpt", "value": "red"}]}`, with image paths relative
+to `root/images` (`kind`, one of `QUESTION_KINDS`, is ours: LLaVA readers ignore it).
+Every held-out question has exactly one one-word answer; training scenes are also
+described left to right (`TRAIN_EXTRA_KINDS`). Scene i of a
 split is drawn from `default_rng([seed, split, i])`, so a split's first records do
 not change when more are asked for, and train and held-out scenes never share a seed.
 
@@ -42,8 +44,11 @@ SPECIAL_STRINGS = ("<|startoftext|>", "<|endoftext|>", "<|start_header_id|>",
 SPLITS = ("train", "heldout")
 NUMBERS = ("zero", "one", "two", "three")
 CAPTION_PROMPT = text.IMAGE_TOKEN
-# Shapes fill 55-95% of their column, so they stay a few patches wide in small images.
-SIDE_FRACTION = (0.55, 0.95)
+# Shapes sit in the cells of a 4 x 4 grid, one per column, and fill 80-100% of their
+# cell: at the demo's 56 px a cell is one 14-px vision patch, so each patch sees one
+# whole shape (or background), which a small model learns in minutes.
+GRID = 4
+SIDE_FRACTION = (0.8, 1.0)
 
 # kind -> question template; {kind}/{colour} are filled from the scene.
 QUESTION_KINDS = {
@@ -53,9 +58,14 @@ QUESTION_KINDS = {
     "leftmost_colour": "What colour is the leftmost shape?",  # 2+ shapes
     "rightmost_colour": "What colour is the rightmost shape?",  # 2+ shapes
     "exists": "Is there a {colour} {kind}?",                # yes / no
+    "describe": "What shapes are there, from left to right?",  # the caption
 }
 DEFAULT_KINDS = ("colour_of_shape", "shape_of_colour", "count", "leftmost_colour",
                  "rightmost_colour")
+# Every training scene is also described left to right: a dozen answer tokens that
+# name each shape's colour and kind in order, the binding the one-word answers need
+# (one answer token per record teaches it slowly; the 2-core demo has minutes).
+TRAIN_EXTRA_KINDS = ("describe",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +98,8 @@ def scene_questions(scene: list[shapes.Shape], rng: np.random.Generator,
     elif kind in ("leftmost_colour", "rightmost_colour") and len(scene) >= 2:
       s = left_to_right[0 if kind == "leftmost_colour" else -1]
       out[kind] = template, s.colour
+    elif kind == "describe":
+      out[kind] = template, shapes.caption(scene)
     elif kind == "exists":
       colour = str(rng.choice(list(shapes.COLOURS)))
       shape = str(rng.choice(shapes.SHAPES))
@@ -101,31 +113,35 @@ def scene_questions(scene: list[shapes.Shape], rng: np.random.Generator,
   return out
 
 
-def _record(rid: str, image: str, question: str, answer: str) -> dict:
-  return {"id": rid, "image": image, "conversations": [
+def _record(rid: str, image: str, question: str, answer: str, kind: str) -> dict:
+  return {"id": rid, "image": image, "kind": kind, "conversations": [
       {"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
 
 
 def _split_records(root: str, split: str, n: int, seed: int, image_size: int,
-                   questions_per_image: int, kinds) -> tuple[list[dict], list[dict]]:
+                   questions_per_image: int, kinds,
+                   extra_kinds=()) -> tuple[list[dict], list[dict]]:
   """Draws and saves the split's images; returns (qa records, caption records)."""
   folder = os.path.join(root, "images", split)
   os.makedirs(folder, exist_ok=True)
   qa, captions = [], []
   for i in range(n):
     rng = np.random.default_rng([seed, SPLITS.index(split), i])
-    scene = shapes.sample_scene(rng, (image_size, image_size), side_fraction=SIDE_FRACTION)
+    scene = shapes.sample_scene(rng, (image_size, image_size), side_fraction=SIDE_FRACTION,
+                                grid=GRID)
     relpath = f"{split}/{i:06d}.png"
     shapes.render(scene, (image_size, image_size)).save(os.path.join(root, "images", relpath),
                                                        format="PNG", compress_level=1)
     questions = scene_questions(scene, rng, kinds)
-    picked = rng.permutation(sorted(questions))[:questions_per_image]
+    picked = list(rng.permutation(sorted(questions))[:questions_per_image])
+    picked += [k for k in extra_kinds if k not in picked]
+    questions.update(scene_questions(scene, rng, extra_kinds))
     for j, kind in enumerate(picked):
       question, answer = questions[kind]
       qa.append(_record(f"{split}-{i:06d}-{j}", relpath,
-                        f"{text.IMAGE_TOKEN}\n{question}", answer))
+                        f"{text.IMAGE_TOKEN}\n{question}", answer, str(kind)))
     captions.append(_record(f"{split}-{i:06d}-c", relpath, CAPTION_PROMPT,
-                            shapes.caption(scene)))
+                            shapes.caption(scene), "caption"))
   return qa, captions
 
 
@@ -137,22 +153,26 @@ def write_jsonl(path: str, records) -> None:
 
 def generate(root: str, *, seed: int = 0, num_train: int = 2000, num_heldout: int = 200,
              image_size: int = 224, questions_per_image: int = 2,
-             kinds=DEFAULT_KINDS, overwrite: bool = False) -> DemoFiles:
+             kinds=DEFAULT_KINDS, train_extra_kinds=TRAIN_EXTRA_KINDS,
+             overwrite: bool = False) -> DemoFiles:
   """Writes the demo set under `root` (see the module docstring); returns its paths.
 
   num_train / num_heldout count images (scenes); each gets `questions_per_image`
   questions of distinct kinds (fewer when fewer kinds fit the scene) and a caption.
+  A training scene also gets one record of each `train_extra_kinds` kind; held-out
+  scenes do not (they are scored by exact match on one-word answers).
   A set already in `root` with the same arguments is reused unless `overwrite`.
   """
-  kinds = tuple(kinds)
-  for kind in kinds:
+  kinds, train_extra_kinds = tuple(kinds), tuple(train_extra_kinds)
+  for kind in kinds + train_extra_kinds:
     if kind not in QUESTION_KINDS:
       raise ValueError(f"unknown question kind {kind!r}; expected one of {list(QUESTION_KINDS)}")
-  if image_size < 24:
-    raise ValueError(f"image_size {image_size} is too small for three shapes; use >= 24")
+  if image_size < 8 * GRID:
+    raise ValueError(f"image_size {image_size} is too small for a {GRID}x{GRID} grid of "
+                     f"shapes; use >= {8 * GRID}")
   args = dict(seed=seed, num_train=num_train, num_heldout=num_heldout,
               image_size=image_size, questions_per_image=questions_per_image,
-              kinds=list(kinds), version=1)
+              kinds=list(kinds), train_extra_kinds=list(train_extra_kinds), version=2)
   files = DemoFiles(root, os.path.join(root, "images"),
                     {s: os.path.join(root, f"{s}.jsonl") for s in SPLITS},
                     {s: os.path.join(root, f"captions_{s}.jsonl") for s in SPLITS})
@@ -165,8 +185,9 @@ def generate(root: str, *, seed: int = 0, num_train: int = 2000, num_heldout: in
   if os.path.exists(manifest):
     os.remove(manifest)  # Written last: its presence means the set is complete.
   for split, n in zip(SPLITS, (num_train, num_heldout)):
+    extra = train_extra_kinds if split == "train" else ()
     qa, captions = _split_records(root, split, n, seed, image_size, questions_per_image,
-                                  kinds)
+                                  kinds, extra)
     write_jsonl(files.qa[split], qa)
     write_jsonl(files.captions[split], captions)
   with open(manifest, "w") as f:
@@ -213,7 +234,7 @@ def tokenizer_corpus() -> list[str]:
   """
   colours, kinds = list(shapes.COLOURS), list(shapes.SHAPES)
   questions = [QUESTION_KINDS["count"], QUESTION_KINDS["leftmost_colour"],
-               QUESTION_KINDS["rightmost_colour"]]
+               QUESTION_KINDS["rightmost_colour"], QUESTION_KINDS["describe"]]
   questions += [QUESTION_KINDS["colour_of_shape"].format(kind=k) for k in kinds]
   questions += [QUESTION_KINDS["shape_of_colour"].format(colour=c) for c in colours]
   questions += [QUESTION_KINDS["exists"].format(colour=c, kind=k)

@@ -23,29 +23,43 @@ class Shape:
 
 
 def sample_scene(rng: np.random.Generator, size=(640, 480), max_shapes: int = 3,
-                 side_fraction: tuple[float, float] | None = None) -> list[Shape]:
-  """1..max_shapes shapes of distinct colours in non-overlapping columns.
+                 side_fraction: tuple[float, float] | None = None,
+                 grid: int | None = None) -> list[Shape]:
+  """1..max_shapes shapes of distinct colours in distinct columns.
 
-  side_fraction: (lo, hi) bounds of a shape's side as fractions of its column
-  width (default: about 1/3 to 0.8); larger shapes suit small demo images.
+  grid=None: max_shapes columns across the image, shapes at any height.
+  grid=g: a g x g grid of square cells (side min(w, h) // g); each shape sits inside
+    one cell of its own column (random row). With cells the size of a vision patch,
+    every shape is seen whole by one patch: what makes the 2-core demo learnable.
+  side_fraction: (lo, hi) bounds of a shape's side as fractions of its column (cell)
+    width (default: about 1/3 to 0.8); larger shapes suit small demo images.
   """
   w, h = size
   n = int(rng.integers(1, max_shapes + 1))
   colours = rng.choice(list(COLOURS), size=n, replace=False)
-  cols = rng.permutation(max_shapes)[:n]
-  slot = w // max_shapes
+  if grid is None:
+    cols, slot, col_h = rng.permutation(max_shapes)[:n], w // max_shapes, h
+  else:
+    if grid < max_shapes:
+      raise ValueError(f"grid {grid} has fewer columns than max_shapes {max_shapes}")
+    cols, slot = rng.permutation(grid)[:n], min(w, h) // grid
+    col_h = slot
   if side_fraction is None:
     lo, hi = slot // 3, int(slot * 0.8)
   else:
     lo, hi = int(slot * side_fraction[0]), int(slot * side_fraction[1])
-    if not 1 <= lo < hi <= min(slot, h):
-      raise ValueError(f"side_fraction {side_fraction} gives sides [{lo}, {hi}) for "
-                       f"columns {slot} px wide in a {w}x{h} image")
+  if not 1 <= lo < hi <= min(slot, col_h):
+    raise ValueError(f"side_fraction {side_fraction} gives sides [{lo}, {hi}) for "
+                     f"cells {slot} px wide in a {w}x{h} image")
   shapes = []
   for colour, col in zip(colours, cols):
     side = int(rng.integers(lo, hi))
-    x0 = int(col * slot + rng.integers(0, slot - side + 1))
-    y0 = int(rng.integers(0, h - side + 1))
+    if grid is None:
+      x0 = int(col * slot + rng.integers(0, slot - side + 1))
+      y0 = int(rng.integers(0, h - side + 1))
+    else:  # The far edge is drawn inclusive: offsets keep it inside the cell.
+      x0 = int(col * slot + rng.integers(0, slot - side))
+      y0 = int(rng.integers(grid) * slot + rng.integers(0, slot - side))
     shapes.append(Shape(str(rng.choice(SHAPES)), str(colour), (x0, y0, x0 + side, y0 + side)))
   return sorted(shapes, key=lambda s: s.box[0])
 
