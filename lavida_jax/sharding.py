@@ -38,6 +38,14 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def constrain(x, names, rules=DEFAULT_RULES):
+  """Activation sharding constraint from logical axis names (no-op without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names):
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
+
+
 def _sizes(shape: dict[str, int] | Sequence[int], what: str) -> list[int]:
   sizes = [shape[a] for a in MESH_AXES] if isinstance(shape, dict) else list(shape)
   if len(sizes) != 3:

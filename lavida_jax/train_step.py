@@ -20,6 +20,7 @@ from flax import nnx
 
 from lavida_jax.diffusion import loss as loss_lib
 from lavida_jax.diffusion import masking
+from lavida_jax.sharding import constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +61,13 @@ def loss_fn(params, frozen, graphdef, batch, rng, sc: StepConfig):
     select, p = masking.iid_mask(rng, eligible, sc.eps)
     x = masking.apply_mask(x, select, mask_emb)
   rows = labels.shape[0]
+  x = constrain(x, ("batch", "length", None))
   h = model.lm.hidden(x)
   if sc.shifted_logits:
     select, labels = masking.shift_left(select, False), masking.shift_labels(labels)
   capacity = sc.capacity or rows * t
   h_n, idx, valid = loss_lib.gather_rows(h, select, capacity)
+  h_n = constrain(h_n, ("batch", None))
   targets = labels.reshape(-1)[idx]
   ce, argmax = loss_lib.chunked_cross_entropy(h_n, model.lm.head.kernel[...], targets,
                                               sc.vocab_chunk, return_argmax=True)

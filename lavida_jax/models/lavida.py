@@ -19,6 +19,7 @@ from lavida_jax import image as image_lib
 from lavida_jax.models import connector, layers
 from lavida_jax.models.lm import DiffusionLM, LMConfig
 from lavida_jax.models.siglip import SiglipConfig, SiglipVisionTower
+from lavida_jax.sharding import constrain
 
 IMAGE_TOKEN_ID = -200
 FAMILIES = ("lavida-llada", "lavida-dream", "llada-v")
@@ -135,14 +136,15 @@ class LaViDa(nnx.Module):
     """
     b, v = pixels_BVHWC.shape[:2]
     feats = self.project(self.vision(pixels_BVHWC.reshape(b * v, *pixels_BVHWC.shape[2:])))
-    feats = feats.reshape(b, -1, feats.shape[-1])
+    feats = constrain(feats.reshape(b, -1, feats.shape[-1]), ("batch", None, None))
     newline = jnp.broadcast_to(self.image_newline[...].astype(feats.dtype), (b, 1, feats.shape[-1]))
     table = jnp.concatenate([feats, newline], axis=1)
     t, k = image_index_BTK.shape[1:]
     rows = jnp.take_along_axis(table, image_index_BTK.reshape(b, t * k, 1), axis=1)
     image = jnp.einsum("btk,btkd->btd", image_weight_BTK.astype(feats.dtype),
                        rows.reshape(b, t, k, -1))
-    text = self.lm.embed_tokens(jnp.where(input_ids_BT < 0, 0, input_ids_BT))
+    text = constrain(self.lm.embed_tokens(jnp.where(input_ids_BT < 0, 0, input_ids_BT)),
+                     ("batch", "length", None))
     return jnp.where((input_ids_BT == IMAGE_TOKEN_ID)[..., None], image.astype(text.dtype), text)
 
   def embed_multimodal(self, input_ids, images):

@@ -15,6 +15,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from lavida_jax.sharding import constrain
+
 Axes = tuple[str | None, ...]
 
 
@@ -234,6 +236,7 @@ class Attention(nnx.Module):
     self.o = Linear((n_heads, head_dim), (dim,), (q, h, e), bias=out_bias, rngs=rngs,
                     param_dtype=param_dtype, dtype=dtype)
     self.implementation = implementation
+    self.head_axes = (q, kv)
 
   def __call__(self, x_BTD, mask=None, rope=None, prefix_kv=None):
     """-> (out [B, T, D], (k, v) [B, T, K, H] of x's own positions, post-RoPE).
@@ -243,6 +246,9 @@ class Attention(nnx.Module):
     the prefix keys first, then their own (S = P + T).
     """
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
+    q = constrain(q, ("batch", "length", self.head_axes[0], None))
+    k = constrain(k, ("batch", "length", self.head_axes[1], None))
+    v = constrain(v, ("batch", "length", self.head_axes[1], None))
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     keys, values = k, v
@@ -281,7 +287,8 @@ class GatedMLP(nnx.Module):
     self.down = mk(hidden, dim, ("mlp", "embed"))
 
   def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    h = constrain(jax.nn.silu(self.gate(x)) * self.up(x), ("batch", "length", "mlp"))
+    return self.down(h)
 
 
 gelu_tanh = lambda x: jax.nn.gelu(x, approximate=True)

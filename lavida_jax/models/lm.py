@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lavida_jax.models import layers
+from lavida_jax.sharding import constrain
 
 LM_AXES = {"embed": "embed", "q_heads": "q_heads", "kv_heads": "kv_heads",
            "head_dim": "head_dim"}
@@ -85,6 +86,7 @@ class Block(nnx.Module):
     self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, **kw)
 
   def __call__(self, x_BTD, mask, rope, collect_kv=False, prefix_kv=None):
+    x_BTD = constrain(x_BTD, ("batch", "length", None))
     h, kv = self.attn(self.attn_norm(x_BTD), mask, rope, prefix_kv)
     x_BTD = x_BTD + h
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), (kv if collect_kv else None)
@@ -163,7 +165,8 @@ class DiffusionLM(nnx.Module):
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
     rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
-    return layers.scan_layers(self.blocks, x_BTD.astype(self.dtype), mask, rope,
+    x_BTD = constrain(x_BTD.astype(self.dtype), ("batch", "length", None))
+    return layers.scan_layers(self.blocks, x_BTD, mask, rope,
                               collect_kv, xs=prefix_kv, remat=self.cfg.remat)
 
   def logits_from_hidden(self, h_BTD):

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lavida_jax.models import layers
+from lavida_jax.sharding import constrain
 
 VISION_AXES = {"embed": "vision_embed", "q_heads": "vision_heads",
                "kv_heads": "vision_heads", "head_dim": "head_dim"}
@@ -59,6 +60,7 @@ class EncoderBlock(nnx.Module):
                           ("vision_embed", "vision_mlp", "vision_embed"), dtype=dtype, **kw)
 
   def __call__(self, x_BTD):
+    x_BTD = constrain(x_BTD, ("batch", None, None))
     x_BTD = x_BTD + self.attn(self.norm1(x_BTD))[0]
     return x_BTD + self.mlp(self.norm2(x_BTD)), None
 
@@ -88,7 +90,8 @@ class SiglipVisionTower(nnx.Module):
                        f"got {pixels_NHWC.shape}")
     g, p = cfg.grid, cfg.patch_size
     # The stride-14 conv without padding ignores the last 384 - 27*14 = 6 rows/cols.
-    x = pixels_NHWC[:, :g * p, :g * p, :].astype(self.dtype)
+    x = constrain(pixels_NHWC[:, :g * p, :g * p, :].astype(self.dtype),
+                  ("batch", None, None, None))
     x = x.reshape(n, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(n, g * g, p, p, 3)
     x = self.patch(x) + self.pos_embed[...].astype(self.dtype)
     return layers.scan_layers(self.blocks, x, remat=cfg.remat)[0]
