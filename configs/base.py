@@ -84,3 +84,37 @@ def base(model: str = "lavida-llada", stage: int = 2) -> ml_collections.ConfigDi
   c.checkpoint.every = 500
   c.checkpoint.keep = 3
   return c
+
+
+def full_size(arg: str | None, *, workdir: str, data_root: str, mesh: dict,
+              grad_accum: dict, remat: dict, attention_impl: str):
+  """A full-size LaViDa config (TPU pod or GPU machine); by-stage dicts pick the rest.
+
+  data_root: holds data/, images/ and tokenizer/ (a bucket on TPU); mesh: stage ->
+  (data, fsdp, tensor); grad_accum: stage -> micro-batches per step; remat: stage ->
+  policy.
+  """
+  args = parse_arg(arg, model="lavida-llada", stage=2)
+  stage = args["stage"]
+  c = base(args["model"], stage)
+  c.workdir = workdir
+  c.mesh = mesh[stage]
+  c.model.size = "full"
+  c.model.image_size = 384
+  c.model.lm.attention_impl = attention_impl  # also the vision tower's
+  c.data.source = f"{data_root}/data"  # tfds data_dir or LLaVA JSON
+  c.data.image_folder = f"{data_root}/images"
+  c.data.tokenizer = f"{data_root}/tokenizer"
+  c.data.num_workers = 8
+  # train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples
+  # (SPEC §6.3: 256 in stage 1, 128 after).
+  c.train.grad_accum = grad_accum[stage]
+  c.train.batch_size = (256 if stage == 1 else 128) // c.train.grad_accum
+  # The two complementary views partition each example's label tokens (<= T), so
+  # micro-batch x T is a safe bound on gathered positions (the default is 2 x that).
+  c.train.capacity = c.train.get_ref("batch_size") * c.data.get_ref("length")
+  c.train.remat = remat[stage]
+  c.train.param_dtype = "float32"
+  c.train.compute_dtype = "bfloat16"
+  c.checkpoint.every = 1000
+  return c

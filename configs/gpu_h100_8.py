@@ -22,26 +22,7 @@ GRAD_ACCUM = {1: 32, 2: 16, 3: 16}  # micro-batches per step, by stage
 
 
 def get_config(arg: str | None = None):
-  args = base.parse_arg(arg, model="lavida-llada", stage=2)
-  c = base.base(args["model"], args["stage"])
-  c.workdir = "/data/lavida/h100x8"
-  c.mesh = MESH[args["stage"]]
-  c.model.size = "full"
-  c.model.image_size = 384
-  c.model.lm.attention_impl = "cudnn"  # jax.nn.dot_product_attention on cuDNN
-  c.data.source = "/data/lavida/data"  # tfds data_dir or LLaVA JSON
-  c.data.image_folder = "/data/lavida/images"
-  c.data.tokenizer = "/data/lavida/tokenizer"
-  c.data.num_workers = 8
-  # train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples
-  # (SPEC §6.3: 256 in stage 1, 128 after).
-  c.train.grad_accum = GRAD_ACCUM[args["stage"]]
-  c.train.batch_size = (256 if args["stage"] == 1 else 128) // c.train.grad_accum
-  # The two complementary views partition each example's label tokens (<= T), so
-  # micro-batch x T is a safe bound on gathered positions (the default is 2 x that).
-  c.train.capacity = c.train.get_ref("batch_size") * c.data.get_ref("length")
-  c.train.remat = "full"
-  c.train.param_dtype = "float32"
-  c.train.compute_dtype = "bfloat16"
-  c.checkpoint.every = 1000
-  return c
+  return base.full_size(arg, workdir="/data/lavida/h100x8",
+                        data_root="/data/lavida",
+                        mesh=MESH, grad_accum=GRAD_ACCUM, remat=dict.fromkeys(MESH, "full"),
+                        attention_impl="cudnn")

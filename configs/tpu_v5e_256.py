@@ -29,26 +29,7 @@ GRAD_ACCUM = {1: 4, 2: 1, 3: 1}  # micro-batches per step, by stage
 
 
 def get_config(arg: str | None = None):
-  args = base.parse_arg(arg, model="lavida-llada", stage=2)
-  c = base.base(args["model"], args["stage"])
-  c.workdir = "gs://YOUR_BUCKET/lavida/v5e-256"
-  c.mesh = MESH[args["stage"]]
-  c.model.size = "full"
-  c.model.image_size = 384
-  c.model.lm.attention_impl = "splash"  # Pallas TPU kernel; also the vision tower's
-  c.data.source = "gs://YOUR_BUCKET/lavida/data"  # tfds data_dir or LLaVA JSON
-  c.data.image_folder = "gs://YOUR_BUCKET/lavida/images"
-  c.data.tokenizer = "gs://YOUR_BUCKET/lavida/tokenizer"
-  c.data.num_workers = 8
-  # train.batch_size is one micro-batch; a step sees batch_size x grad_accum examples
-  # (SPEC §6.3: 256 in stage 1, 128 after).
-  c.train.grad_accum = GRAD_ACCUM[args["stage"]]
-  c.train.batch_size = (256 if args["stage"] == 1 else 128) // c.train.grad_accum
-  # The two complementary views partition each example's label tokens (<= T), so
-  # micro-batch x T is a safe bound on gathered positions (the default is 2 x that).
-  c.train.capacity = c.train.get_ref("batch_size") * c.data.get_ref("length")
-  c.train.remat = "full"
-  c.train.param_dtype = "float32"
-  c.train.compute_dtype = "bfloat16"
-  c.checkpoint.every = 1000
-  return c
+  return base.full_size(arg, workdir="gs://YOUR_BUCKET/lavida/v5e-256",
+                        data_root="gs://YOUR_BUCKET/lavida",
+                        mesh=MESH, grad_accum=GRAD_ACCUM, remat=dict.fromkeys(MESH, "full"),
+                        attention_impl="splash")
