@@ -163,3 +163,15 @@ def test_every_parameter_has_logical_axis_names(family):
     assert set(names) - {None} <= known, (path, names)
     stacked = "blocks" in path
     assert (names[0] == "layers") == stacked, (path, names)
+
+
+def test_constrain_shards_activations_by_logical_name_under_a_mesh_only():
+  mesh = sharding.make_mesh((2, 2, 2))
+  x = np.zeros((8, 6, 4), np.float32)
+  f = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "length", "mlp")))
+  assert "sharding" not in f.lower(x).as_text().lower()  # no mesh: a no-op
+  with jax.set_mesh(mesh):
+    out = f(x)
+  # batch -> (data, fsdp); mlp -> tensor (DEFAULT_RULES); length stays whole.
+  assert out.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+  assert out.addressable_shards[0].data.shape == (2, 6, 2)
