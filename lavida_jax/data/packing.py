@@ -40,22 +40,23 @@ def pack_example(input_ids, labels, image_size, cfg: LaViDaConfig, length: int,
   if (len(markers) == 1) != (image_size is not None):
     raise ValueError("an example's <image> marker and its image must come together "
                      f"(markers: {len(markers)}, image: {image_size is not None})")
-  index = np.zeros((len(ids), 4), np.int32)
-  weight = np.zeros((len(ids), 4), np.float32)
+  n, at, rest = 0, len(ids), len(ids)  # image tokens; marker position; text after it
   if image_size is not None:
-    layout = image_layout(cfg, image_size)
-    index, weight = connector.token_sources(layout, table_size(cfg, max_views) - 1)
-    n, at = len(index), markers[0]
-    ids = np.concatenate([ids[:at], np.full(n, IMAGE_TOKEN_ID), ids[at + 1:]])
-    labs = np.concatenate([labs[:at], np.full(n, IGNORE_ID), labs[at + 1:]])
-    index = np.pad(index, ((at, len(ids) - at - n), (0, 0)))
-    weight = np.pad(weight, ((at, len(ids) - at - n), (0, 0)))
-  if len(ids) > length:
-    raise ValueError(f"example of {len(ids)} tokens (images expanded) exceeds length {length}")
-  pad = length - len(ids)
-  return dict(
-      input_ids=np.concatenate([ids, np.full(pad, pad_id)]).astype(np.int32),
-      labels=np.concatenate([labs, np.full(pad, pad_id)]).astype(np.int32),
-      image_index=np.pad(index, ((0, pad), (0, 0))).astype(np.int32),
-      image_weight=np.pad(weight, ((0, pad), (0, 0))).astype(np.float32),
-  )
+    index, weight = connector.token_sources(image_layout(cfg, image_size),
+                                            table_size(cfg, max_views) - 1)
+    n, at, rest = len(index), int(markers[0]), int(markers[0]) + 1
+  total = at + n + len(ids) - rest
+  if total > length:
+    raise ValueError(f"example of {total} tokens (images expanded) exceeds length {length}")
+  # Written into preallocated [length] arrays: the host pipeline packs every example.
+  out_ids = np.full(length, pad_id, np.int32)
+  out_labels = np.full(length, pad_id, np.int32)
+  out_index = np.zeros((length, 4), np.int32)
+  out_weight = np.zeros((length, 4), np.float32)
+  out_ids[:at], out_labels[:at] = ids[:at], labs[:at]
+  out_ids[at + n:total], out_labels[at + n:total] = ids[rest:], labs[rest:]
+  if n:
+    out_ids[at:at + n], out_labels[at:at + n] = IMAGE_TOKEN_ID, IGNORE_ID
+    out_index[at:at + n], out_weight[at:at + n] = index, weight
+  return dict(input_ids=out_ids, labels=out_labels, image_index=out_index,
+              image_weight=out_weight)
