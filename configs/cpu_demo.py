@@ -2,8 +2,9 @@
 held-out questions with the diffusion sampler (the embedded default of lavida_jax.main).
 
 Small on purpose (2 CPU cores, minutes): 56-px single-view images (4x4 = 16 image
-tokens, each shape inside one patch), a 3-layer LLaDA-shaped LM of width 96, a 2-layer
-vision tower of width 128, the shipped sentencepiece tokenizer, no system prompt.
+tokens; shapes on black, in one row, each inside one patch), a 3-layer LLaDA-shaped
+LM of width 96, a 2-layer vision tower of width 128, the shipped sentencepiece
+tokenizer, no system prompt.
 Every code path is the real one: complementary masking, the jitted sharded step,
 Orbax checkpoints, the prefix-cache sampler. Accuracy and wall time are in the README.
 
@@ -37,13 +38,13 @@ def get_config(arg: str | None = None):
 
   c.data.source = "demo"
   c.data.tokenizer = "demo"
-  c.data.length = 52  # the longest record (a 3-shape description) is 50 tokens
+  c.data.length = 44  # the longest record (a 3-shape description) is 44 tokens
   c.data.system_prompt = False
   c.data.demo_train = 3000  # scenes (2 questions and a description each)
   c.data.demo_heldout = 100
   c.data.demo_root = ""  # where the demo set is generated ("": WORKDIR/demo_data)
 
-  c.train.steps = 1800
+  c.train.steps = 2000
   c.train.batch_size = 32
   c.train.lr = dict(vision=1e-3, projector=1e-3, lm=1e-3)
   c.train.final_ratio = 0.1
@@ -57,6 +58,6 @@ def get_config(arg: str | None = None):
   c.eval.block_length = 4
   c.eval.steps = 4
 
-  c.checkpoint.every = 600
+  c.checkpoint.every = 500
   c.checkpoint.keep = 2
   return c

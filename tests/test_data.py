@@ -120,11 +120,14 @@ def test_demo_is_deterministic(demo_files, tmp_path):
   assert demo.read_jsonl(fewer.qa["train"]) == [r for r in train if int(r["id"][6:12]) < 5]
 
 
-def test_grid_scenes_put_each_shape_inside_one_cell_of_its_own_column():
+@pytest.mark.parametrize("one_row", [False, True])
+def test_grid_scenes_put_each_shape_inside_one_cell_of_its_own_column(one_row):
   # At the demo's 56 px, a cell of the 4x4 grid is one 14-px vision patch.
+  rows = set()
   for seed in range(50):
     scene = shapes.sample_scene(np.random.default_rng(seed), (56, 56),
-                                side_fraction=demo.SIDE_FRACTION, grid=demo.GRID)
+                                side_fraction=demo.SIDE_FRACTION, grid=demo.GRID,
+                                one_row=one_row)
     assert 1 <= len(scene) <= 3 and len({s.colour for s in scene}) == len(scene)
     cells = []
     for s in scene:
@@ -134,9 +137,13 @@ def test_grid_scenes_put_each_shape_inside_one_cell_of_its_own_column():
       cells.append((x0 // 14, y0 // 14))
     assert len({c for c, _ in cells}) == len(cells)  # one shape per column
     assert [c for c, _ in cells] == sorted(c for c, _ in cells)  # left to right
-    pixels = np.asarray(shapes.render(scene, (56, 56)))
+    if one_row:
+      assert len({r for _, r in cells}) == 1, cells
+    rows.update(r for _, r in cells)
+    pixels = np.asarray(shapes.render(scene, (56, 56), demo.BACKGROUND))
     for cx, cy in {(i, j) for i in range(4) for j in range(4)} - set(cells):
-      assert (pixels[cy * 14:(cy + 1) * 14, cx * 14:(cx + 1) * 14] == 90).all()
+      assert (pixels[cy * 14:(cy + 1) * 14, cx * 14:(cx + 1) * 14] == demo.BACKGROUND).all()
+  assert rows == {0, 1, 2, 3}  # every row is used (one_row: a random row per scene)
   with pytest.raises(ValueError, match="fewer columns"):
     shapes.sample_scene(np.random.default_rng(0), (56, 56), grid=2)
 

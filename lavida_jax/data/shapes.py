@@ -24,13 +24,15 @@ class Shape:
 
 def sample_scene(rng: np.random.Generator, size=(640, 480), max_shapes: int = 3,
                  side_fraction: tuple[float, float] | None = None,
-                 grid: int | None = None) -> list[Shape]:
+                 grid: int | None = None, one_row: bool = False) -> list[Shape]:
   """1..max_shapes shapes of distinct colours in distinct columns.
 
   grid=None: max_shapes columns across the image, shapes at any height.
   grid=g: a g x g grid of square cells (side min(w, h) // g); each shape sits inside
     one cell of its own column (random row). With cells the size of a vision patch,
     every shape is seen whole by one patch: what makes the 2-core demo learnable.
+  one_row: with a grid, every shape sits in the same (random) row, so left to right
+    is also the order of the shapes' patches in the row-major image-token sequence.
   side_fraction: (lo, hi) bounds of a shape's side as fractions of its column (cell)
     width (default: about 1/3 to 0.8); larger shapes suit small demo images.
   """
@@ -51,6 +53,7 @@ def sample_scene(rng: np.random.Generator, size=(640, 480), max_shapes: int = 3,
   if not 1 <= lo < hi <= min(slot, col_h):
     raise ValueError(f"side_fraction {side_fraction} gives sides [{lo}, {hi}) for "
                      f"cells {slot} px wide in a {w}x{h} image")
+  row = int(rng.integers(grid)) if grid is not None and one_row else None
   shapes = []
   for colour, col in zip(colours, cols):
     side = int(rng.integers(lo, hi))
@@ -59,7 +62,8 @@ def sample_scene(rng: np.random.Generator, size=(640, 480), max_shapes: int = 3,
       y0 = int(rng.integers(0, h - side + 1))
     else:  # The far edge is drawn inclusive: offsets keep it inside the cell.
       x0 = int(col * slot + rng.integers(0, slot - side))
-      y0 = int(rng.integers(grid) * slot + rng.integers(0, slot - side))
+      y0 = int((rng.integers(grid) if row is None else row) * slot
+               + rng.integers(0, slot - side))
     shapes.append(Shape(str(rng.choice(SHAPES)), str(colour), (x0, y0, x0 + side, y0 + side)))
   return sorted(shapes, key=lambda s: s.box[0])
 

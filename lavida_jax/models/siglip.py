@@ -73,7 +73,9 @@ class SiglipVisionTower(nnx.Module):
     # Conv2d(3, W, 14, stride 14) as a linear map over flattened [kh, kw, C] patches.
     self.patch = layers.Linear((p, p, 3), (w,), (None, None, None, "vision_embed"),
                                bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-    self.pos_embed = layers.param(rngs, layers.normal(0.02), (cfg.num_patches, w),
+    # std 1/sqrt(W) as in HF's SiglipPreTrainedModel._init_weights (released weights
+    # overwrite it; trained from scratch, positions start on the patches' scale).
+    self.pos_embed = layers.param(rngs, layers.normal(w ** -0.5), (cfg.num_patches, w),
                                   ("vision_patches", "vision_embed"), param_dtype)
     self.blocks = layers.stack_layers(
         lambda r: EncoderBlock(cfg, rngs=r, param_dtype=param_dtype, dtype=dtype,
