@@ -36,3 +36,15 @@ def test_bad_pixel_shape_is_refused(loaded):
   _, model = loaded("lavida-llada")
   with pytest.raises(ValueError, match="pixel_values must be"):
     model.vision_features(np.zeros((1, 3, 384, 384), np.float32))
+
+
+def test_position_embeddings_start_at_hf_init_scale():
+  # HF's SiglipPreTrainedModel._init_weights: normal(std=1/sqrt(width)); a tower
+  # trained from scratch (the CPU demo) starts with positions on the patches' scale.
+  from flax import nnx
+  from lavida_jax.models import siglip
+  cfg = siglip.SiglipConfig(image_size=56, width=128, depth=1, mlp_dim=16, num_heads=2)
+  tower = siglip.SiglipVisionTower(cfg, rngs=nnx.Rngs(0))
+  pos = np.asarray(tower.pos_embed[...])
+  assert pos.shape == (16, 128)
+  np.testing.assert_allclose(pos.std(), 128 ** -0.5, rtol=0.1)
