@@ -9,15 +9,30 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "cpu_demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                          "Config file[:args] (default: the CPU demo).",
-                                          lock_config=True)
+
+
+def _unknown_config_key(e: Exception):
+  """Exits naming the key of a KeyError/AttributeError raised by ml_collections."""
+  key = str(e).strip("\"'")
+  overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
+  sys.exit(f"unknown config key '{key}' in {overrides}: every --config.KEY=VALUE must "
+           "name a field of the config (see configs/base.py)")
+
+
+try:  # ml_collections resolves --config.KEY overrides of the default config here
+  _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                            "Config file[:args] (default: the CPU demo).",
+                                            lock_config=True)
+except (AttributeError, KeyError) as e:
+  _unknown_config_key(e)
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints and metrics (default: "
                                "config.workdir).")
 _COORDINATOR = flags.DEFINE_string(
@@ -144,5 +159,13 @@ def main(argv):
         f"--image=IMAGE.png --prompt=\"What colour is the circle?\"")
 
 
+def parse_flags(argv):
+  """absl's parser; an unknown --config.KEY (of a --config=FILE) ends with its name."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as e:
+    _unknown_config_key(e)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

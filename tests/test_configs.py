@@ -4,13 +4,12 @@ the 8 fake CPU devices (the same code path as benchmarks/aot_tpu.py)."""
 import importlib.util
 import math
 import os
+import subprocess
+import sys
 
 import jax
-import numpy as np
 import pytest
-from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from lavida_jax import flops
 from lavida_jax.models import connector, lavida, lm, siglip
@@ -92,19 +91,21 @@ def test_unknown_arguments_are_refused(arg, match):
       _load(name).get_config(arg)
 
 
-def test_unknown_override_key_is_refused():
-  """`--config.train.nope=1` on the command line stops with the key named."""
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, "tpu_v4_64.py"),
-                                  flag_values=fv, lock_config=True)
-  fv(["prog", f"--config={os.path.join(CONFIGS, 'tpu_v4_64.py')}:stage=2"])
-  assert fv.config.train.grad_accum == 4
-  fv2 = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", os.path.join(CONFIGS, "tpu_v4_64.py"),
-                                  flag_values=fv2, lock_config=True)
-  with pytest.raises(Exception, match="nope"):
-    fv2(["prog", f"--config={os.path.join(CONFIGS, 'tpu_v4_64.py')}",
-         "--config.train.nope=1"])
+@pytest.mark.parametrize("args, named", [
+    (["--config.train.nope=1"], "unknown config key 'nope'"),  # the default config
+    (["--config=configs/tpu_v4_64.py:stage=2", "--config.model.nope=3"],
+     "unknown config key 'nope'"),
+    (["--config.train.steps=abc"], "--config.train.steps=abc"),
+])
+def test_bad_override_stops_the_cli_with_a_message_naming_it(args, named, tmp_path):
+  """The real command line: it stops before anything runs, without a traceback."""
+  root = os.path.dirname(CONFIGS)
+  out = subprocess.run([sys.executable, "-m", "lavida_jax.main", *args,
+                        f"--workdir={tmp_path / 'run'}"], cwd=root, capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert out.returncode != 0
+  assert named in out.stderr and "Traceback" not in out.stderr, out.stderr
+  assert not (tmp_path / "run").exists()
 
 
 # --- model FLOPs -----------------------------------------------------------------------
