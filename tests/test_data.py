@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
+from PIL import Image
 
 from lavida_jax import image as image_lib
 from lavida_jax import text
@@ -118,6 +119,23 @@ def test_demo_is_deterministic(demo_files, tmp_path):
   fewer = demo.generate(str(tmp_path / "fewer"), seed=0, num_train=5, num_heldout=1,
                         image_size=IMAGE, questions_per_image=2)
   assert demo.read_jsonl(fewer.qa["train"]) == [r for r in train if int(r["id"][6:12]) < 5]
+
+
+def test_demo_images_are_one_row_on_black_and_extra_kinds_fit_their_scene(tmp_path):
+  files = demo.generate(str(tmp_path), seed=3, num_train=12, num_heldout=1, image_size=56,
+                        train_extra_kinds=("describe", "colour_of_shape"))
+  records = demo.read_jsonl(files.qa["train"])
+  for i in range(12):
+    pixels = np.asarray(Image.open(os.path.join(files.image_folder, f"train/{i:06d}.png")))
+    shape_rows = {y // 14 for y in np.flatnonzero((pixels != demo.BACKGROUND).any((1, 2)))}
+    assert len(shape_rows) == 1, shape_rows  # one row of 14-px cells, the rest black
+    caption = next(r for r in records if r["image"] == f"train/{i:06d}.png"
+                   and r["kind"] == "describe")["conversations"][1]["value"]
+    kinds = [w for w in caption.split() if w in shapes.SHAPES]
+    has_unique = any(kinds.count(k) == 1 for k in kinds)
+    asked = [r for r in records if r["image"] == f"train/{i:06d}.png"
+             and r["kind"] == "colour_of_shape"]
+    assert len(asked) == (1 if has_unique else 0), (caption, asked)
 
 
 @pytest.mark.parametrize("one_row", [False, True])
