@@ -78,7 +78,10 @@ def base(model: str = "lavida-llada", stage: int = 2) -> ml_collections.ConfigDi
   c.eval.steps = 32
   c.eval.schedule = "shift"
   c.eval.alpha = 1 / 3
-  c.eval.prefix_cache = True
+  c.eval.cache = "prefix"  # none | prefix | dual (SPEC §7.3, §14)
+  c.eval.decoder = "fixed"  # fixed | threshold | factor
+  c.eval.threshold = 0.9
+  c.eval.factor = 1.0
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 500

@@ -161,7 +161,6 @@ def main(argv):
   from absl import flags
   FLAGS = flags.FLAGS
   import lavida_jax
-  from lavida_jax.diffusion.sampler import SamplerConfig
 
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
@@ -170,12 +169,12 @@ def main(argv):
   system_prompt = generate.system_prompt_for(FLAGS.checkpoint)
   pairs = qa_pairs(read_records(FLAGS.data), FLAGS.image_folder)[:FLAGS.num_examples or None]
   report = {}
-  for steps in map(int, FLAGS.steps):
-    cfg = SamplerConfig(gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
-                        steps=steps, schedule=FLAGS.schedule, alpha=FLAGS.shift,
-                        mask_id=model.cfg.lm.mask_id)
-    gen = generate.Generator(model, tokenizer, cfg, FLAGS.prefix_cache, system_prompt)
-    report[f"steps={steps}"] = evaluate(gen, pairs, FLAGS.task, FLAGS.batch_size)
+  steps_list = map(int, FLAGS.steps) if FLAGS.decoder == "fixed" else [None]
+  for steps in steps_list:
+    cfg, cache = generate.decoding_from_flags(FLAGS, model.cfg.lm.mask_id, steps)
+    gen = generate.Generator(model, tokenizer, cfg, cache, system_prompt)
+    name = f"steps={steps}" if steps else f"{cfg.decoder}"
+    report[f"{name},cache={cache}"] = evaluate(gen, pairs, FLAGS.task, FLAGS.batch_size)
   print(json.dumps(report, indent=1))
 
 
@@ -188,12 +187,7 @@ def _flags():
   flags.DEFINE_string("tokenizer", None, "Tokenizer (default: beside the checkpoint).")
   flags.DEFINE_integer("num_examples", 0, "0: all.")
   flags.DEFINE_integer("batch_size", 8, "Requests per batch.")
-  flags.DEFINE_integer("gen_length", 32, "Canvas length.")
-  flags.DEFINE_integer("block_length", 32, "Block length.")
-  flags.DEFINE_list("steps", ["32"], "Step counts to evaluate (NFE sweep).")
-  flags.DEFINE_enum("schedule", "shift", ["shift", "linear", "cosine"], "Schedule.")
-  flags.DEFINE_float("shift", 1 / 3, "Timestep-shift alpha.")
-  flags.DEFINE_boolean("prefix_cache", True, "Prefix KV cache.")
+  generate.define_decoding_flags(steps_list=True)
   flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
 
 

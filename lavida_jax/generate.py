@@ -31,7 +31,9 @@ from flax import nnx
 from lavida_jax import image as image_lib
 from lavida_jax import text as text_lib
 from lavida_jax.diffusion import sampler as sampler_lib
+from lavida_jax.diffusion import schedule as schedule_lib
 from lavida_jax.models.lavida import IMAGE_TOKEN_ID, LaViDa
+from lavida_jax.models.lm import KVCache
 
 PREFIX_BUCKETS = (64, 128, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192)
 
@@ -89,38 +91,116 @@ def embed_prompts(model: LaViDa, prompts, length: int):
   return x, jnp.asarray(valid)
 
 
-def _denoise_cached(canvas, lm_state, cache, first_logits, *, lm_graphdef, shifted):
-  lm = nnx.merge(lm_graphdef, lm_state)
-  logits = lm.logits_from_hidden(lm.hidden_with_cache(lm.embed_tokens(canvas), cache))
-  if shifted:  # logit i predicts token i + 1: the first comes from the prompt's end
-    logits = jnp.concatenate([first_logits[:, None], logits[:, :-1]], axis=1)
-  return logits
+CACHES = ("none", "prefix", "dual")
 
 
-def _denoise_full(canvas, lm_state, prefix_x, prefix_valid, *, lm_graphdef, shifted):
+def _shift_block(logits_BLbV, first_BV, start_B):
+  """Dream's shifted logits for a block: the caller passed the logits of positions
+  start - 1 .. start + Lb - 2 (or 0 .. Lb - 1 where start = 0, whose first logit
+  comes from the prompt's last position, `first`)."""
+  at_zero = jnp.concatenate([first_BV[:, None].astype(logits_BLbV.dtype),
+                             logits_BLbV[:, :-1]], axis=1)
+  return jnp.where((start_B == 0)[:, None, None], at_zero, logits_BLbV)
+
+
+def _from_canvas_hidden(lm, h_BLD, start_B, first_BV, lb, shifted):
+  """Block logits [B, Lb, V] from hidden states of the whole canvas [B, L, D]."""
+  if not shifted:
+    return lm.logits_from_hidden(sampler_lib.block_slice(h_BLD, start_B, lb))
+  h = sampler_lib.block_slice(h_BLD, jnp.maximum(start_B - 1, 0), lb)
+  return _shift_block(lm.logits_from_hidden(h), first_BV, start_B)
+
+
+def _denoise_full(canvas, start, _, lm_state, prefix_x, prefix_valid, *, lm_graphdef,
+                  shifted, lb):
+  """Full-DLM: prompt + canvas every step."""
   lm = nnx.merge(lm_graphdef, lm_state)
   b, p = prefix_valid.shape
   x = jnp.concatenate([prefix_x, lm.embed_tokens(canvas).astype(prefix_x.dtype)], axis=1)
   valid = jnp.concatenate([prefix_valid, jnp.ones(canvas.shape, bool)], axis=1)
   positions = jnp.cumsum(valid, axis=1) - 1
   h = lm.hidden(x, valid, positions)
-  h = h[:, p - 1:-1] if shifted else h[:, p:]
-  return lm.logits_from_hidden(h)
+  h = h[:, p - 1:-1] if shifted else h[:, p:]  # aligned: h[:, i] predicts canvas i
+  return lm.logits_from_hidden(sampler_lib.block_slice(h, start, lb))
+
+
+def _denoise_prefix(canvas, start, _, lm_state, cache, first, *, lm_graphdef, shifted, lb):
+  """Prefix-DLM: the whole canvas over the prompt's KV cache every step."""
+  lm = nnx.merge(lm_graphdef, lm_state)
+  h = lm.hidden_with_cache(lm.embed_tokens(canvas), cache)
+  return _from_canvas_hidden(lm, h, start, first, lb, shifted)
+
+
+def _dual_refresh(canvas, start, lm_state, cache, first, *, lm_graphdef, shifted, lb):
+  """The dual cache's block-start pass: the Prefix-DLM step that also keeps the
+  canvas's K/V -> (block logits, cache of prompt + canvas keys)."""
+  lm = nnx.merge(lm_graphdef, lm_state)
+  h, (k, v) = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, collect_kv=True)
+  dual = KVCache(jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=2),
+                 jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=2),
+                 jnp.concatenate([cache.valid, jnp.ones(canvas.shape, bool)], axis=1),
+                 cache.length)
+  return _from_canvas_hidden(lm, h, start, first, lb, shifted), dual
+
+
+def _dual_step(canvas, start, dual, lm_state, cache, first, *, lm_graphdef, shifted, lb):
+  """A dual-cache step: only the block's window is recomputed, over the cached
+  prompt and canvas keys (its own cached keys masked; SPEC §14). Dream's window
+  starts one position early (the logit of a block's first token comes from the
+  position before it) and so holds Lb + 1 positions."""
+  lm = nnx.merge(lm_graphdef, lm_state)
+  b, length = canvas.shape
+  w = min(lb + int(shifted), length)
+  ws = jnp.clip(start - 1, 0, length - w) if shifted else start
+  p = cache.valid.shape[1]
+  pos = jnp.arange(p + length)[None, :] - p
+  window = (pos >= ws[:, None]) & (pos < ws[:, None] + w)
+  x = lm.embed_tokens(sampler_lib.block_slice(canvas, ws, w))
+  h = lm.hidden_with_cache(x, dual._replace(valid=dual.valid & ~window), start_B=ws)
+  logits = lm.logits_from_hidden(h[:, :lb])
+  return _shift_block(logits, first, start) if shifted else logits
+
+
+def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int):
+  """The sampler's `Denoiser` for a cache mode (operands: lm_state, then the
+  prompt's (x, valid) for "none" or its (KV cache, first logits) otherwise)."""
+  kw = dict(lm_graphdef=lm_graphdef, shifted=shifted, lb=block_length)
+  if cache_mode == "none":
+    return sampler_lib.Denoiser(functools.partial(_denoise_full, **kw))
+  if cache_mode == "prefix":
+    return sampler_lib.Denoiser(functools.partial(_denoise_prefix, **kw))
+  if cache_mode == "dual":
+    return sampler_lib.Denoiser(functools.partial(_dual_step, **kw),
+                                functools.partial(_dual_refresh, **kw),
+                                KVCache(1, 1, 0, 0))
+  raise ValueError(f"unknown cache {cache_mode!r}; expected one of {', '.join(CACHES)}")
 
 
 class Generator:
-  """Compiled prefill and sampler for one model and sampler config; reuse it."""
+  """Compiled prefill and sampler for one model, sampler config and cache; reuse it.
+
+  cache: "none" (Full-DLM: prompt + canvas every step), "prefix" (Prefix-DLM,
+  SPEC §7.3) or "dual" (prefix cache + the canvas's keys refreshed at each block
+  start, SPEC §14). A bool means "prefix" (True) or "none" (False).
+  """
 
   def __init__(self, model: LaViDa, tokenizer, cfg: sampler_lib.SamplerConfig,
-               prefix_cache: bool = True, system_prompt: str | None = text_lib.SYSTEM_PROMPT):
-    self.model, self.tokenizer, self.cfg, self.prefix_cache = model, tokenizer, cfg, prefix_cache
-    self.system_prompt = system_prompt
+               cache: str | bool = "prefix",
+               system_prompt: str | None = text_lib.SYSTEM_PROMPT):
+    if isinstance(cache, bool):
+      cache = "prefix" if cache else "none"
+    self.model, self.tokenizer, self.cache = model, tokenizer, cache
+    if cfg.decoder != "fixed" and not cfg.stop_ids:
+      cfg = dataclasses.replace(cfg, stop_ids=tuple(self.stop_ids()))
+    self.cfg, self.system_prompt = cfg, system_prompt
     self.lm_graphdef, self.lm_state = nnx.split(model.lm)
-    shifted = model.cfg.lm.shifted_logits
-    fn = _denoise_cached if prefix_cache else _denoise_full
-    self._sample = sampler_lib.make_sampler(
-        functools.partial(fn, lm_graphdef=self.lm_graphdef, shifted=shifted), cfg)
+    den = denoiser(cache, self.lm_graphdef, model.cfg.lm.shifted_logits, cfg.block_length)
+    self._sample = sampler_lib.make_sampler(den, cfg, return_steps=True)
     self._prefill = jax.jit(functools.partial(_prefill, lm_graphdef=self.lm_graphdef))
+
+  @property
+  def prefix_cache(self) -> bool:
+    return self.cache != "none"
 
   def canvas(self, reqs: Sequence[Request]) -> np.ndarray:
     """[B, L]: all masks, or each request's draft (fixed tokens + masks)."""
@@ -148,16 +228,19 @@ class Generator:
       operands = (cache, first)
     else:
       operands = (x, valid)
-    out = np.asarray(self._sample(canvas0, counts, rng, self.lm_state, *operands))
+    out, steps = jax.device_get(self._sample(canvas0, counts, rng, self.lm_state, *operands))
     seconds = (time.perf_counter() - t0) / len(reqs)
-    nfe = sampler_lib.forward_passes(counts) + int(self.prefix_cache)
-    return [Result(self.decode(row), [int(i) for i in row], nfe, seconds) for row in out]
+    return [Result(self.decode(row), [int(i) for i in row], int(n) + int(self.prefix_cache),
+                   seconds) for row, n in zip(out, steps)]
+
+  def stop_ids(self) -> list[int]:
+    """EOS and the end-of-turn tokens: an answer ends at the first of them."""
+    return [self.model.cfg.lm.eos_id] + [
+        i for i in (self.tokenizer.token_to_id("<|eot_id|>"),
+                    self.tokenizer.token_to_id("<|im_end|>")) if i is not None]
 
   def decode(self, ids) -> str:
-    eos = self.model.cfg.lm.eos_id
-    stops = [eos] + [i for i in (self.tokenizer.token_to_id("<|eot_id|>"),
-                                 self.tokenizer.token_to_id("<|im_end|>")) if i is not None]
-    ids = sampler_lib.stop_at(ids, stops)
+    ids = sampler_lib.stop_at(ids, self.stop_ids())
     fill = self.tokenizer.token_to_id("[S]")
     if fill is not None:
       ids = sampler_lib.strip_fillers(ids, fill)
@@ -205,49 +288,38 @@ def system_prompt_for(checkpoint: str) -> str | None:
   return text_lib.SYSTEM_PROMPT
 
 
-def _flags():
-  from absl import flags
-  f = flags
-  f.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint folder.", required=True)
-  f.DEFINE_string("image", None, "Image file (one request).")
-  f.DEFINE_string("prompt", None, "The question (one request).")
-  f.DEFINE_string("requests", None, "JSONL of {\"prompt\", \"image\"?, \"draft\"?} (batch mode).")
-  f.DEFINE_string("output", None, "Where batch mode writes its JSONL results (default stdout).")
-  f.DEFINE_string("tokenizer", None, "Tokenizer file/folder (default: beside the checkpoint).")
+def define_decoding_flags(steps_list: bool = False):
+  """The sampler's flags, shared by generate and evaluate (steps_list: a sweep)."""
+  from absl import flags as f
   f.DEFINE_integer("gen_length", 32, "Canvas length L.")
-  f.DEFINE_integer("steps", 32, "Denoising steps over all blocks.")
+  if steps_list:
+    f.DEFINE_list("steps", ["32"], "Step counts to evaluate (fixed decoder: an NFE sweep).")
+  else:
+    f.DEFINE_integer("steps", 32, "Denoising steps over all blocks (fixed decoder).")
   f.DEFINE_integer("block_length", 32, "Block length (divides gen_length).")
-  f.DEFINE_enum("schedule", "shift", ["shift", "linear", "cosine"], "Transfer schedule.")
+  f.DEFINE_enum("schedule", "shift", list(schedule_lib.SCHEDULES), "Transfer schedule.")
   f.DEFINE_float("shift", 1 / 3, "Timestep-shift alpha (the paper's 1/3).")
-  f.DEFINE_boolean("prefix_cache", True, "Prefix KV cache (Prefix-DLM).")
+  f.DEFINE_enum("decoder", "fixed", list(sampler_lib.DECODERS),
+                "fixed: the schedule's counts; threshold / factor: Fast-dLLM's parallel "
+                "decoding (as many steps as the answer needs).")
+  f.DEFINE_float("threshold", 0.9, "threshold decoder: commit masks with confidence >= this.")
+  f.DEFINE_float("factor", 1.0, "factor decoder: Fast-dLLM's f.")
+  f.DEFINE_enum("cache", None, list(CACHES), "KV cache: none (Full-DLM), prefix "
+                "(Prefix-DLM) or dual (prefix + canvas keys refreshed per block). Default: "
+                "--prefix_cache.")
+  f.DEFINE_boolean("prefix_cache", True, "Same as --cache=prefix (--noprefix_cache: none).")
   f.DEFINE_float("temperature", 0.0, "0: argmax; > 0: Gumbel-max sampling.")
-  f.DEFINE_string("confidence", "low_confidence", "low_confidence|random|margin|entropy.")
-  f.DEFINE_string("draft", None, "Infilling draft: fixed text with <|mdm_mask|> runs.")
-  f.DEFINE_integer("seed", 0, "PRNG seed.")
-  f.DEFINE_integer("batch_size", 8, "Requests per batch in batch mode.")
-  f.DEFINE_string("dtype", "float32", "Parameter dtype.")
-  return flags.FLAGS
+  f.DEFINE_enum("confidence", "low_confidence", list(sampler_lib.CONFIDENCES),
+                "Which positions to commit first.")
 
 
-def main(argv):
-  from absl import flags
-  FLAGS = flags.FLAGS
-  import lavida_jax
-  from lavida_jax import evaluate
-
-  if len(argv) > 1:
-    raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  if (FLAGS.requests is None) == (FLAGS.prompt is None):
-    raise SystemExit("give either --prompt (with --image) or --requests")
-  model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
-  tokenizer = load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
-  system_prompt = system_prompt_for(FLAGS.checkpoint)
-  cfg = sampler_lib.SamplerConfig(
-      gen_length=FLAGS.gen_length, block_length=FLAGS.block_length, steps=FLAGS.steps,
-      schedule=FLAGS.schedule, alpha=FLAGS.shift, temperature=FLAGS.temperature,
-      confidence=FLAGS.confidence, mask_id=model.cfg.lm.mask_id)
-  gen = Generator(model, tokenizer, cfg, prefix_cache=FLAGS.prefix_cache,
-                  system_prompt=system_prompt)
+def decoding_from_flags(FLAGS, mask_id: int, steps: int | None = None):
+  """-> (SamplerConfig, cache mode) from `define_decoding_flags`' flags."""
+  try:
+    cfg, cache = decoding_from_flags(FLAGS, model.cfg.lm.mask_id)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
+  gen = Generator(model, tokenizer, cfg, cache, system_prompt=system_prompt)
   rng = jax.random.key(FLAGS.seed)
   if FLAGS.prompt is not None:
     res = gen([Request(FLAGS.prompt, FLAGS.image, FLAGS.draft)], rng)[0]

@@ -29,34 +29,70 @@ def _cfg(model, **kw):
 
 @pytest.mark.parametrize("family", ["lavida-llada", "lavida-dream"])
 def test_denoisers_match_the_model_forward(loaded, tiny_tokenizer, family):
-  """Full-DLM denoise == model.logits on [prompt + canvas] (shifted for Dream);
-  Prefix-DLM denoise == a forward whose prompt rows cannot see the canvas."""
+  """Full-DLM block logits == model.logits on [prompt + canvas] (shifted for Dream);
+  Prefix-DLM == a forward whose prompt rows cannot see the canvas; the dual cache's
+  refresh == Prefix-DLM, and so is its cached step while the canvas is unchanged.
+  Rows sit in different blocks (start 0 and 4)."""
   _, model = loaded(family)
-  gen_full = generate.Generator(model, tiny_tokenizer, _cfg(model), prefix_cache=False)
-  gen_cache = generate.Generator(model, tiny_tokenizer, _cfg(model), prefix_cache=True)
+  graphdef, state = nnx.split(model.lm)
+  shifted = model.cfg.lm.shifted_logits
+  den = {m: generate.denoiser(m, graphdef, shifted, 4) for m in generate.CACHES}
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model))
   prompts = [generate.prompt_ids(model, tiny_tokenizer, r) for r in REQS[:2]]
   x, valid = generate.embed_prompts(model, prompts, 1024)
-  canvas = np.array([[1, 2, 255, 255, 3, 255, 255, 255], [255] * 8], np.int32)
-  shifted = model.cfg.lm.shifted_logits
-  full = generate._denoise_full(canvas, gen_full.lm_state, x, valid,
-                                lm_graphdef=gen_full.lm_graphdef, shifted=shifted)
-  cache, first = gen_cache._prefill(gen_cache.lm_state, x, valid)
-  cached = generate._denoise_cached(canvas, gen_cache.lm_state, cache, first,
-                                    lm_graphdef=gen_cache.lm_graphdef, shifted=shifted)
+  canvas = jnp.asarray([[1, 2, 255, 255, 3, 255, 255, 255], [255] * 8], jnp.int32)
+  start = jnp.asarray([0, 4], jnp.int32)
+  full = den["none"].logits(canvas, start, None, state, x, valid)
+  cache, first = gen._prefill(state, x, valid)
+  cached = den["prefix"].logits(canvas, start, None, state, cache, first)
+  refreshed, dual = den["dual"].refresh(canvas, start, state, cache, first)
+  dual_step = den["dual"].logits(canvas, start, dual, state, cache, first)
   lm = model.lm
   for b, (ids, images) in enumerate(prompts):
-    ids = np.concatenate([ids, canvas[b]])[None]
+    s = int(start[b])
+    ids = np.concatenate([ids, np.asarray(canvas[b])])[None]
     ref = np.asarray(model.logits(ids, images))[0]
     p = ref.shape[0] - 8
-    expected = ref[p - 1:-1] if shifted else ref[p:]
+    expected = (ref[p - 1:-1] if shifted else ref[p:])[s:s + 4]
     assert_close(np.asarray(full)[b], expected)
     # Prefix-DLM reference: the same sequence, prompt rows blind to the canvas.
     xs, _ = model.embed_multimodal(ids, images)
     t = xs.shape[1]
     allowed = (np.arange(t)[None, :] < p) | (np.arange(t)[:, None] >= p)
     ref = np.asarray(_masked_logits(lm, xs, jnp.asarray(allowed)[None]))[0]
-    expected = ref[p - 1:-1] if shifted else ref[p:]
+    expected = (ref[p - 1:-1] if shifted else ref[p:])[s:s + 4]
     assert_close(np.asarray(cached)[b], expected)
+    assert_close(np.asarray(refreshed)[b], expected)
+    assert_close(np.asarray(dual_step)[b], expected)
+
+
+@pytest.mark.parametrize("family", ["lavida-llada", "lavida-dream"])
+def test_dual_cache_step_reads_stale_keys_outside_its_block(loaded, tiny_tokenizer, family):
+  """After the canvas changes, a dual-cache step differs from Prefix-DLM only through
+  the stale keys outside its block: with one block spanning the canvas it is exact,
+  with two blocks it is not (and refreshing makes it exact again)."""
+  _, model = loaded(family)
+  graphdef, state = nnx.split(model.lm)
+  shifted = model.cfg.lm.shifted_logits
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model))
+  x, valid = generate.embed_prompts(
+      model, [generate.prompt_ids(model, tiny_tokenizer, REQS[0])], 1024)
+  cache, first = gen._prefill(state, x, valid)
+  before = jnp.full((1, 8), 255, jnp.int32)
+  after = jnp.asarray([[255, 255, 255, 255, 7, 8, 9, 10]], jnp.int32)  # block 1 changed
+  start = jnp.zeros((1,), jnp.int32)
+  for lb, exact in ((8, True), (4, False)):
+    prefix = generate.denoiser("prefix", graphdef, shifted, lb)
+    dual = generate.denoiser("dual", graphdef, shifted, lb)
+    _, stale = dual.refresh(before, start, state, cache, first)
+    want = prefix.logits(after, start, None, state, cache, first)
+    got = dual.logits(after, start, stale, state, cache, first)
+    if exact:
+      assert_close(got, want)
+    else:
+      assert np.abs(np.asarray(got) - np.asarray(want)).max() > 1e-3
+      _, fresh = dual.refresh(after, start, state, cache, first)
+      assert_close(dual.logits(after, start, fresh, state, cache, first), want)
 
 
 @nnx.jit
@@ -64,21 +100,21 @@ def _masked_logits(lm, x, mask):
   return lm.logits_from_hidden(lm.hidden(x, mask_BTS=mask))
 
 
-@pytest.mark.parametrize("family,cache", [("lavida-llada", True), ("lavida-llada", False),
-                                          ("lavida-dream", True)])
+@pytest.mark.parametrize("family,cache", [("lavida-llada", "prefix"), ("lavida-llada", "none"),
+                                          ("lavida-dream", "prefix")])
 def test_batch_of_one_equals_padded_batch_of_four(loaded, tiny_tokenizer, family, cache):
   _, model = loaded(family)
-  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), prefix_cache=cache)
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), cache=cache)
   alone = gen(REQS[:1])[0]
   batch = gen(REQS)
   assert batch[0].ids == alone.ids
-  assert alone.nfe == 4 + int(cache)
+  assert alone.nfe == 4 + int(cache != "none")
   assert all(model.cfg.lm.mask_id not in r.ids for r in batch)
 
 
 def test_drafts_keep_fixed_tokens_and_compile_once(loaded, tiny_tokenizer):
   _, model = loaded("lavida-llada")
-  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), prefix_cache=True)
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), cache="prefix")
   draft = "red <|mdm_mask|> <|mdm_mask|> circle blue square red circle"  # block 1 fixed
   reqs = [generate.Request(r.prompt, r.image, draft) for r in REQS[:2]]
   out = gen(reqs)
@@ -101,7 +137,7 @@ def test_prompt_over_the_largest_bucket_is_refused(loaded, tiny_tokenizer):
 def test_a_bad_request_gets_its_error_and_the_batch_goes_on(loaded, tiny_tokenizer, tmp_path):
   from lavida_jax import evaluate
   _, model = loaded("lavida-llada")
-  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), prefix_cache=True)
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), cache="prefix")
   reqs = [REQS[0], generate.Request("what ?", str(tmp_path / "missing.png")), REQS[2]]
   out = evaluate.run_generation(gen, reqs, batch_size=3)
   assert [r.error is None for r in out] == [True, False, True]

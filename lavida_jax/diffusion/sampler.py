@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -61,6 +61,7 @@ import numpy as np
 from lavida_jax.diffusion import schedule as schedule_lib
 
 CONFIDENCES = ("low_confidence", "random", "margin", "entropy")
+DECODERS = ("fixed", "threshold", "factor")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,13 @@ class SamplerConfig:
   temperature: 0 for argmax, > 0 for Gumbel-max sampling. confidence: one of
   CONFIDENCES. mask_id: the mask token. forbid_ids: ids never sampled at mask
   positions (EOS, BOS, header ids, ...).
+  decoder (SPEC §14): "fixed" commits the schedule's counts (steps, schedule,
+  alpha); "threshold" commits every mask of the block whose confidence is
+  >= threshold (at least the most confident one); "factor" commits the top n,
+  n the largest with (n + 1)(1 - c_n) < factor (at least one). The adaptive
+  decoders take as many steps as the data needs (steps/schedule unused) and stop
+  a row early once every mask left lies after a committed `stop_ids` token (the
+  tail is then filled with that token).
   """
   gen_length: int = 32
   block_length: int = 32
@@ -83,8 +91,22 @@ class SamplerConfig:
   confidence: str = "low_confidence"
   mask_id: int = 126336
   forbid_ids: tuple[int, ...] = ()
+  decoder: str = "fixed"
+  threshold: float = 0.9
+  factor: float = 1.0
+  stop_ids: tuple[int, ...] = ()
 
   def __post_init__(self):
+    if self.decoder not in DECODERS:
+      raise ValueError(f"unknown decoder {self.decoder!r}; expected one of "
+                       f"{', '.join(DECODERS)}")
+    if self.decoder != "fixed" and self.confidence not in ("low_confidence", "margin"):
+      raise ValueError(f"the {self.decoder} decoder compares probabilities; confidence "
+                       f"must be low_confidence or margin, got {self.confidence!r}")
+    if not 0 < self.threshold <= 1:
+      raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+    if not (math.isfinite(self.factor) and self.factor > 0):
+      raise ValueError(f"factor must be a finite number > 0, got {self.factor}")
     schedule_lib._split_blocks(self.gen_length, self.block_length, self.steps)
     if self.schedule not in schedule_lib.SCHEDULES:
       raise ValueError(f"unknown schedule {self.schedule!r}; expected one of "
@@ -101,6 +123,7 @@ class SamplerConfig:
     if any(i < 0 for i in ids):
       raise ValueError(f"forbid_ids must be >= 0, got {ids}")
     object.__setattr__(self, "forbid_ids", ids)
+    object.__setattr__(self, "stop_ids", tuple(int(i) for i in self.stop_ids))
 
   @property
   def num_blocks(self) -> int:
@@ -232,75 +255,259 @@ def _forbid(logits_BLV: jax.Array, cfg: SamplerConfig) -> jax.Array:
   return logits_BLV.at[..., np.asarray(ids)].set(-jnp.inf)
 
 
-def _commit(tokens_BL, x0_BL, conf_BL, k_B, mask_id):
-  """Commits the k_B[b] most confident mask positions of each row."""
-  eligible = tokens_BL == mask_id
-  conf = jnp.where(eligible, conf_BL, -jnp.inf)
-  order = jnp.argsort(-conf, axis=-1, stable=True)  # ties: lower position first
-  rank = jnp.argsort(order, axis=-1)  # the inverse permutation
-  commit = eligible & (rank < k_B[:, None])
-  return jnp.where(commit, x0_BL, tokens_BL)
+class Denoiser(NamedTuple):
+  """The model side of the sampler (the caller owns the model and its caches).
+
+  logits(canvas [B, L], start [B], cache, *operands) -> [B, Lb, V] float: the
+    logits of each row's current block, canvas positions start..start + Lb - 1,
+    aligned (logit i predicts position i; the caller shifts Dream's).
+  refresh: None, or (canvas, start, *operands) -> (block logits, cache): one pass
+    over the whole canvas that also returns the cache `logits` reads afterwards
+    (the dual cache, SPEC §14). It runs at each row's first step of a block;
+    without it `cache` is None.
+  cache_batch_axes: the cache's structure with each leaf's batch axis (an int),
+    or None: axis 0 everywhere. Rows refresh at different steps, so a refresh
+    replaces only the refreshed rows' part of the cache.
+  """
+  logits: Callable[..., jax.Array]
+  refresh: Callable[..., tuple[jax.Array, object]] | None = None
+  cache_batch_axes: object = None
 
 
-def sample(denoise_fn: Callable[..., jax.Array], canvas0: jax.Array,
-           counts: jax.Array, rng: jax.Array, cfg: SamplerConfig, *operands,
-           return_history: bool = False):
+def full_canvas_denoiser(denoise_fn: Callable[..., jax.Array], block_length: int) -> Denoiser:
+  """A Denoiser from `denoise_fn(canvas, *operands) -> logits [B, L, V]`."""
+  def logits(canvas, start, cache, *operands):
+    del cache
+    out = denoise_fn(canvas, *operands)
+    if out.ndim != 3 or out.shape[:2] != canvas.shape:
+      raise ValueError(f"denoise_fn returned logits of shape {out.shape}, "
+                       f"expected {canvas.shape + ('V',)}")
+    return block_slice(out, start, block_length)
+  return Denoiser(logits)
+
+
+def block_slice(x_BL, start_B, size: int):
+  """x[b, start[b]:start[b] + size] for every row (any trailing axes)."""
+  return jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, size, 0))(x_BL, start_B)
+
+
+def block_update(x_BL, block_BLb, start_B):
+  """x with x[b, start[b]:start[b] + Lb] = block[b]."""
+  return jax.vmap(lambda x, y, s: jax.lax.dynamic_update_slice_in_dim(x, y, s, 0))(
+      x_BL, block_BLb, start_B)
+
+
+def _block_step(logits_BLbV, block_BLb, keys_B, select, cfg: SamplerConfig):
+  """One denoising step on each row's block: (new block tokens, committed mask)."""
+  logits = _forbid(logits_BLbV.astype(jnp.float32), cfg)
+  x0, conf = _predict(logits, keys_B, cfg)
+  eligible = block_BLb == cfg.mask_id
+  commit = select(jnp.where(eligible, conf, -jnp.inf), eligible)
+  return jnp.where(commit, x0, block_BLb)
+
+
+def _select_top_k(k_B):
+  """The k_B[b] most confident eligible positions (ties: the lower position first)."""
+  def select(conf_BLb, eligible_BLb):
+    order = jnp.argsort(-conf_BLb, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)  # the inverse permutation
+    return eligible_BLb & (rank < k_B[:, None])
+  return select
+
+
+def _select_threshold(tau: float):
+  """Every eligible position with confidence >= tau, else the most confident one."""
+  def select(conf_BLb, eligible_BLb):
+    above = eligible_BLb & (conf_BLb >= tau)
+    best = jax.nn.one_hot(jnp.argmax(conf_BLb, axis=-1), conf_BLb.shape[-1], dtype=bool)
+    return above | (best & eligible_BLb & ~above.any(-1, keepdims=True))
+  return select
+
+
+def _select_factor(f: float):
+  """The top n, n the largest with (n + 1)(1 - c_n) < f (c descending), at least 1."""
+  def select(conf_BLb, eligible_BLb):
+    c = -jnp.sort(-conf_BLb, axis=-1)  # descending; -inf (not eligible) last
+    n = jnp.arange(1, c.shape[-1] + 1)
+    ok = jnp.isfinite(c) & ((n + 1) * (1 - c) < f)
+    k = jnp.maximum(jnp.max(jnp.where(ok, n, 0), axis=-1), 1)
+    return _select_top_k(k)(conf_BLb, eligible_BLb)
+  return select
+
+
+def _empty_cache(den: Denoiser, canvas, operands):
+  """Zeros shaped like the refresh pass's cache (the loops' initial carry)."""
+  if den.refresh is None:
+    return None
+  start = jnp.zeros(canvas.shape[:1], jnp.int32)
+  shapes = jax.eval_shape(den.refresh, canvas, start, *operands)[1]
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+
+
+def _block_logits(den: Denoiser, refresh_B, canvas, start_B, cache, operands, lb):
+  """(block logits, cache): rows in refresh_B take a refresh pass (and their new
+  cache), the others a cached pass; each pass runs only if some row needs it."""
+  zeros = lambda: jnp.zeros(jax.eval_shape(
+      den.logits, canvas, start_B, cache, *operands).shape, jnp.float32)
+  if den.refresh is None:
+    return den.logits(canvas, start_B, cache, *operands).astype(jnp.float32), cache
+
+  def refresh(cache):
+    logits, new = den.refresh(canvas, start_B, *operands)
+    axes = (jax.tree.map(lambda _: 0, cache) if den.cache_batch_axes is None
+            else den.cache_batch_axes)
+
+    def keep(axis, n, o):
+      rows = refresh_B.reshape((1,) * axis + (-1,) + (1,) * (o.ndim - axis - 1))
+      return jnp.where(rows, n, o)
+    return logits.astype(jnp.float32), jax.tree.map(keep, axes, new, cache)
+
+  logits_r, cache = jax.lax.cond(refresh_B.any(), refresh, lambda c: (zeros(), c), cache)
+  logits_c = jax.lax.cond(
+      (~refresh_B).any(),
+      lambda c: den.logits(canvas, start_B, c, *operands).astype(jnp.float32),
+      lambda c: zeros(), cache)
+  return jnp.where(refresh_B[:, None, None], logits_r, logits_c), cache
+
+
+def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
+           cfg: SamplerConfig, *operands, return_history: bool = False,
+           return_steps: bool = False):
   """Denoises the canvas; jit-compatible with `denoise_fn`, `cfg` static.
 
   Args:
-    denoise_fn: `denoise_fn(canvas [B, L] int32, *operands) -> logits
-      [B, L, V]`, pure JAX, aligned to the canvas (logits[:, i] predict the
-      token at canvas position i).
+    denoise_fn: a `Denoiser`, or `denoise_fn(canvas [B, L] int32, *operands)
+      -> logits [B, L, V]`, pure JAX, aligned to the canvas (logits[:, i]
+      predict the token at canvas position i).
     canvas0: [B, L] int, `mask_id` where to generate, fixed tokens elsewhere.
-    counts: [B, num_blocks, steps_per_block] int, from `transfer_schedule`.
+    counts: [B, num_blocks, steps_per_block] int, from `transfer_schedule`
+      (used by the fixed decoder only).
     rng: a PRNG key (used only when temperature > 0 or confidence "random").
     cfg: the SamplerConfig.
-    *operands: pytrees passed through to `denoise_fn` (parameters, prefix KV
+    *operands: pytrees passed through to the denoiser (parameters, prefix KV
       cache): jit arguments, not constants, so new values never recompile.
     return_history: also return the canvas after every step.
+    return_steps: also return steps [B] int32, the denoising steps each row
+      took (its forward passes; a refresh pass counts as one).
 
   Returns:
-    canvas [B, L] int32; with return_history, (canvas, history [S, B, L])
-    where S = num_blocks · steps_per_block and history[t] is the canvas after
-    step t.
+    canvas [B, L] int32, then history [S, B, L] if asked (fixed: S =
+    num_blocks · steps_per_block, history[t] the canvas after step t;
+    threshold/factor: S = L, the canvas after each loop iteration, the last one
+    repeated), then steps if asked.
   """
   canvas0 = jnp.asarray(canvas0).astype(jnp.int32)
-  counts = jnp.asarray(counts).astype(jnp.int32)
   _check_canvas(canvas0.shape, cfg)
+  den = (denoise_fn if isinstance(denoise_fn, Denoiser)
+         else full_canvas_denoiser(denoise_fn, cfg.block_length))
+  if cfg.decoder == "fixed":
+    counts = jnp.asarray(counts).astype(jnp.int32)
+    expected = (canvas0.shape[0], cfg.num_blocks, cfg.steps_per_block)
+    if counts.shape != expected:
+      raise ValueError(f"counts has shape {counts.shape}, expected (batch, "
+                       f"num_blocks, steps_per_block) = {expected}")
+    canvas, history, steps = _sample_fixed(den, canvas0, counts, rng, cfg, operands,
+                                           return_history)
+  else:
+    canvas, history, steps = _sample_adaptive(den, canvas0, rng, cfg, operands,
+                                              return_history)
+  return (canvas, *([history] if return_history else []),
+          *([steps] if return_steps else [])) if (return_history or return_steps) else canvas
+
+
+def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, operands,
+                  return_history: bool):
+  """The schedule's counts: one `lax.scan` over num_blocks · steps_per_block steps.
+
+  A step where every row has k = 0 skips the forward pass (`lax.cond`). With a
+  refresh (dual cache) the first step of each block is the refresh pass.
+  """
   batch = canvas0.shape[0]
   nb, spb, lb = cfg.num_blocks, cfg.steps_per_block, cfg.block_length
-  if counts.shape != (batch, nb, spb):
-    raise ValueError(f"counts has shape {counts.shape}, expected (batch, "
-                     f"num_blocks, steps_per_block) = {(batch, nb, spb)}")
   rows = jnp.arange(batch)
 
-  def denoise_step(canvas, step):
-    logits = denoise_fn(canvas, *operands)
-    if logits.ndim != 3 or logits.shape[:2] != canvas.shape:
-      raise ValueError(f"denoise_fn returned logits of shape {logits.shape}, "
-                       f"expected {canvas.shape + ('V',)}")
-    start = (step // spb) * lb
-    logits = jax.lax.dynamic_slice_in_dim(logits, start, lb, axis=1)
-    logits = _forbid(logits.astype(jnp.float32), cfg)
-    keys = jax.vmap(step_key, (None, 0, None))(rng, rows, step)
-    x0, conf = _predict(logits, keys, cfg)
-    tokens = jax.lax.dynamic_slice_in_dim(canvas, start, lb, axis=1)
+  def body(carry, step):
+    canvas, cache, steps = carry
     k = counts[:, step // spb, step % spb]
-    tokens = _commit(tokens, x0, conf, k, cfg.mask_id)
-    return jax.lax.dynamic_update_slice_in_dim(canvas, tokens, start, axis=1)
+    start = jnp.full((batch,), (step // spb) * lb, jnp.int32)
 
-  def body(canvas, step):
-    k = counts[:, step // spb, step % spb]
-    canvas = jax.lax.cond(jnp.any(k > 0), denoise_step, lambda c, _: c,
-                          canvas, step)
-    return canvas, (canvas if return_history else None)
+    def denoise(canvas, cache):
+      refresh = jnp.full((batch,), step % spb == 0)
+      logits, cache = _block_logits(den, refresh, canvas, start, cache, operands, lb)
+      keys = jax.vmap(step_key, (None, 0, None))(rng, rows, step)
+      block = _block_step(logits, block_slice(canvas, start, lb), keys,
+                          _select_top_k(k), cfg)
+      return block_update(canvas, block, start), cache
 
-  canvas, history = jax.lax.scan(body, canvas0, jnp.arange(nb * spb))
-  return (canvas, history) if return_history else canvas
+    active = jnp.any(k > 0)
+    canvas, cache = jax.lax.cond(active, denoise, lambda c, m: (c, m), canvas, cache)
+    carry = (canvas, cache, steps + active.astype(jnp.int32))
+    return carry, (canvas if return_history else None)
+
+  carry = (canvas0, _empty_cache(den, canvas0, operands), jnp.zeros((batch,), jnp.int32))
+  (canvas, _, steps), history = jax.lax.scan(body, carry, jnp.arange(nb * spb))
+  return canvas, history, steps
 
 
-def make_sampler(denoise_fn: Callable[..., jax.Array], cfg: SamplerConfig, *,
-                 return_history: bool = False, **jit_kwargs):
+def _sample_adaptive(den: Denoiser, canvas0, rng, cfg: SamplerConfig, operands,
+                     return_history: bool):
+  """Threshold / factor decoding: a `lax.while_loop` until every row is done.
+
+  Each row works on its first block that still has a mask; it moves on when
+  that block is full, and is done when no mask is left or every mask left lies
+  after a committed stop token. Per row: its own step count (its PRNG step
+  index and NFE) and its previous block (a new block means a refresh pass), so
+  a row's tokens never depend on its batch-mates.
+  """
+  batch, length = canvas0.shape
+  nb, lb = cfg.num_blocks, cfg.block_length
+  rows = jnp.arange(batch)
+  select = (_select_threshold(cfg.threshold) if cfg.decoder == "threshold"
+            else _select_factor(cfg.factor))
+
+  def status(canvas):
+    """(active [B], current block [B])."""
+    masks = canvas == cfg.mask_id
+    if cfg.stop_ids:  # masks after the first stop token no longer count
+      stop = jnp.isin(canvas, jnp.asarray(cfg.stop_ids))
+      first_stop = jnp.where(stop.any(-1), jnp.argmax(stop, -1), length)
+      masks &= jnp.arange(length)[None] < first_stop[:, None]
+    has = masks.reshape(batch, nb, lb).any(-1)
+    return has.any(-1), jnp.argmax(has, -1).astype(jnp.int32)
+
+  def cond(carry):
+    return status(carry[0])[0].any()
+
+  def body(carry):
+    canvas, cache, steps, prev_block, it, history = carry
+    active, block = status(canvas)
+    start = block * lb
+    refresh = active & (block != prev_block)
+    logits, cache = _block_logits(den, refresh, canvas, start, cache, operands, lb)
+    keys = jax.vmap(step_key, (None, 0, 0))(rng, rows, steps)
+    tokens = block_slice(canvas, start, lb)
+    new = _block_step(logits, tokens, keys, select, cfg)
+    canvas = block_update(canvas, jnp.where(active[:, None], new, tokens), start)
+    if return_history:
+      history = history.at[it].set(canvas)
+    return (canvas, cache, steps + active, jnp.where(active, block, prev_block), it + 1,
+            history)
+
+  history0 = (jnp.zeros((length, batch, length), jnp.int32) if return_history else None)
+  carry = (canvas0, _empty_cache(den, canvas0, operands), jnp.zeros((batch,), jnp.int32),
+           jnp.full((batch,), -1, jnp.int32), jnp.int32(0), history0)
+  canvas, _, steps, _, it, history = jax.lax.while_loop(cond, body, carry)
+  if cfg.stop_ids:  # fill the tail of an early-stopped row with its stop token
+    stop = jnp.isin(canvas, jnp.asarray(cfg.stop_ids))
+    first = jnp.take_along_axis(canvas, jnp.argmax(stop, -1)[:, None], -1)
+    canvas = jnp.where(canvas == cfg.mask_id, first, canvas)
+  if return_history:
+    history = jnp.where(jnp.arange(length)[:, None, None] < it, history, canvas[None])
+  return canvas, history, steps
+
+
+def make_sampler(denoise_fn, cfg: SamplerConfig, *, return_history: bool = False,
+                 return_steps: bool = False, **jit_kwargs):
   """`sample` jitted once: `(canvas0, counts, rng, *operands) -> canvas`.
 
   Calls with the same shapes (one bucket) reuse one compilation.
@@ -308,5 +515,5 @@ def make_sampler(denoise_fn: Callable[..., jax.Array], cfg: SamplerConfig, *,
   """
   def run(canvas0, counts, rng, *operands):
     return sample(denoise_fn, canvas0, counts, rng, cfg, *operands,
-                  return_history=return_history)
+                  return_history=return_history, return_steps=return_steps)
   return jax.jit(run, **jit_kwargs)

@@ -93,10 +93,12 @@ class Block(nnx.Module):
 
 
 class KVCache(NamedTuple):
-  """Prefix keys/values of every layer (post-RoPE) for Prefix-DLM decoding (SPEC §7.3).
+  """Cached keys/values of every layer (post-RoPE) for decoding (SPEC §7.3, §14).
 
-  k, v: [L, B, P, K, H]; valid: [B, P] real (not padding) prefix positions;
-  length: [B] number of real prefix tokens (the canvas starts at this position).
+  k, v: [layers, B, S, K, H]: the prompt's S = P positions (Prefix-DLM), or the
+  prompt's followed by the canvas's (the dual cache, S = P + L); valid: [B, S]
+  keys that may be attended (not padding); length: [B] real prompt tokens (the
+  canvas starts at this position).
   """
   k: jax.Array
   v: jax.Array
@@ -146,21 +148,26 @@ class DiffusionLM(nnx.Module):
     h, (k, v) = self._blocks(x_BPD, positions, valid, collect_kv=True)
     return KVCache(k, v, valid, valid.sum(axis=1)), self.final_norm(h)
 
-  def hidden_with_cache(self, x_BLD, cache: KVCache):
-    """Canvas embeddings [B, L, D] -> hidden [B, L, D], attending to prefix + canvas.
+  def hidden_with_cache(self, x_BTD, cache: KVCache, start_B=None, collect_kv=False):
+    """Canvas embeddings -> hidden [B, T, D], attending to the cache and to themselves.
 
-    The canvas sits at positions length..length+L-1 and sees every real prefix
-    key and every canvas key; the cache is read, never updated.
+    x_BTD: the canvas positions start..start+T-1 (start_B [B], default 0), i.e.
+    positions length+start.. after the real prefix tokens. They see every cache
+    key where `cache.valid` and every one of their own keys; the cache is read,
+    never updated. Prefix-DLM passes the whole canvas over the prefix cache; the
+    dual cache (SPEC §14) passes a block over prefix + canvas keys, its own
+    window marked invalid. collect_kv: also return their K/V [layers, B, T, K, H].
     """
-    b, l, _ = x_BLD.shape
-    positions = cache.length[:, None] + jnp.arange(l)[None, :]
-    # Key padding over [prefix, canvas]: the same for every canvas query.
-    valid = jnp.concatenate([cache.valid, jnp.ones((b, l), bool)], axis=1)
-    h, _ = self._blocks(x_BLD, positions, valid, prefix_kv=(cache.k, cache.v))
-    return self.final_norm(h)
+    b, t, _ = x_BTD.shape
+    start = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
+    positions = (cache.length + start)[:, None] + jnp.arange(t)[None, :]
+    h, kv = self._blocks(x_BTD, positions, cache.valid, collect_kv,
+                         prefix_kv=(cache.k, cache.v))
+    return (self.final_norm(h), kv) if collect_kv else self.final_norm(h)
 
   def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None):
-    """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`)."""
+    """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`);
+    with prefix_kv, the cached keys' validity [B, P] (`layers.cached_attention`)."""
     b, t, _ = x_BTD.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
