@@ -143,3 +143,49 @@ def test_a_bad_request_gets_its_error_and_the_batch_goes_on(loaded, tiny_tokeniz
   assert [r.error is None for r in out] == [True, False, True]
   assert "missing.png" in out[1].error
   assert out[0].ids == gen(REQS[:1])[0].ids
+
+
+ADAPTIVE = [dict(decoder="threshold", threshold=0.5), dict(decoder="factor", factor=1.0)]
+
+
+@pytest.mark.parametrize("family,cache,kw", [
+    ("lavida-llada", "dual", dict(decoder="fixed")),
+    ("lavida-llada", "prefix", ADAPTIVE[0]), ("lavida-llada", "dual", ADAPTIVE[0]),
+    ("lavida-llada", "none", ADAPTIVE[1]), ("lavida-dream", "dual", ADAPTIVE[0]),
+    ("lavida-dream", "dual", ADAPTIVE[1])])
+def test_every_decoder_and_cache_batch_of_one_equals_padded_batch(loaded, tiny_tokenizer,
+                                                                   family, cache, kw):
+  """A row's answer and NFE do not depend on its batch-mates (different prompt
+  lengths, images, a draft), and the adaptive decoders take fewer passes."""
+  _, model = loaded(family)
+  cfg = _cfg(model, gen_length=8, block_length=4, steps=8, **kw)
+  gen = generate.Generator(model, tiny_tokenizer, cfg, cache=cache)
+  reqs = REQS + [generate.Request(REQS[1].prompt, REQS[1].image, "red <|mdm_mask|> circle")]
+  batch = gen(reqs)
+  for i in (0, 2, 4):
+    alone = gen(reqs[i:i + 1])[0]
+    assert alone.ids == batch[i].ids, i
+    if kw["decoder"] != "fixed":  # (fixed: a batch steps together, NFE is the batch's)
+      assert alone.nfe == batch[i].nfe, i
+  assert all(model.cfg.lm.mask_id not in r.ids for r in batch)
+  assert batch[4].ids[0] == tiny_tokenizer.encode("red")[0]
+  if kw["decoder"] == "fixed":
+    assert {r.nfe for r in batch} == {8 + 1}
+  else:
+    assert all(1 < r.nfe <= 8 + 1 for r in batch)
+
+
+def test_dual_cache_threshold_decoding_on_a_mesh_equals_one_device(reference_checkpoint,
+                                                                  tiny_tokenizer, loaded):
+  """Parameters sharded over 8 fake devices (data x fsdp x tensor = 2 x 2 x 2)."""
+  import lavida_jax
+  from lavida_jax import sharding
+
+  _, folder = reference_checkpoint("lavida-llada")
+  _, model = loaded("lavida-llada")
+  sharded = lavida_jax.load_pretrained(folder, mesh=sharding.make_mesh((2, 2, 2)))
+  cfg = _cfg(model, decoder="threshold", threshold=0.5)
+  one = generate.Generator(model, tiny_tokenizer, cfg, cache="dual")(REQS)
+  eight = generate.Generator(sharded, tiny_tokenizer, cfg, cache="dual")(REQS)
+  assert [r.ids for r in one] == [r.ids for r in eight]
+  assert [r.nfe for r in one] == [r.nfe for r in eight]
