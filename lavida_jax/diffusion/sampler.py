@@ -344,30 +344,35 @@ def _empty_cache(den: Denoiser, canvas, operands):
   return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
 
 
-def _block_logits(den: Denoiser, refresh_B, canvas, start_B, cache, operands, lb):
-  """(block logits, cache): rows in refresh_B take a refresh pass (and their new
-  cache), the others a cached pass; each pass runs only if some row needs it."""
-  zeros = lambda: jnp.zeros(jax.eval_shape(
-      den.logits, canvas, start_B, cache, *operands).shape, jnp.float32)
-  if den.refresh is None:
+def _block_logits(den: Denoiser, refresh_B, active_B, canvas, start_B, cache, operands):
+  """(block logits [B, Lb, V] float32, cache) for the active rows: those in refresh_B
+  take a refresh pass (and their new cache), the others a cached pass. A batch in
+  step runs one pass; only a mixed batch (adaptive decoders) runs both."""
+  def cached(cache):
     return den.logits(canvas, start_B, cache, *operands).astype(jnp.float32), cache
 
-  def refresh(cache):
+  if den.refresh is None:
+    return cached(cache)
+
+  def refreshed(cache):  # every active row refreshes; done rows never need a cache again
     logits, new = den.refresh(canvas, start_B, *operands)
+    return logits.astype(jnp.float32), new
+
+  def mixed(cache):
+    logits_r, new = refreshed(cache)
     axes = (jax.tree.map(lambda _: 0, cache) if den.cache_batch_axes is None
             else den.cache_batch_axes)
 
     def keep(axis, n, o):
       rows = refresh_B.reshape((1,) * axis + (-1,) + (1,) * (o.ndim - axis - 1))
       return jnp.where(rows, n, o)
-    return logits.astype(jnp.float32), jax.tree.map(keep, axes, new, cache)
+    cache = jax.tree.map(keep, axes, new, cache)
+    logits_c, _ = cached(cache)
+    return jnp.where(refresh_B[:, None, None], logits_r, logits_c), cache
 
-  logits_r, cache = jax.lax.cond(refresh_B.any(), refresh, lambda c: (zeros(), c), cache)
-  logits_c = jax.lax.cond(
-      (~refresh_B).any(),
-      lambda c: den.logits(canvas, start_B, c, *operands).astype(jnp.float32),
-      lambda c: zeros(), cache)
-  return jnp.where(refresh_B[:, None, None], logits_r, logits_c), cache
+  refresh_B = refresh_B & active_B
+  index = jnp.where(~refresh_B.any(), 0, jnp.where((refresh_B | ~active_B).all(), 1, 2))
+  return jax.lax.switch(index, (cached, refreshed, mixed), cache)
 
 
 def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
@@ -433,7 +438,7 @@ def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, opera
 
     def denoise(canvas, cache):
       refresh = jnp.full((batch,), step % spb == 0)
-      logits, cache = _block_logits(den, refresh, canvas, start, cache, operands, lb)
+      logits, cache = _block_logits(den, refresh, k > 0, canvas, start, cache, operands)
       keys = jax.vmap(step_key, (None, 0, None))(rng, rows, step)
       block = _block_step(logits, block_slice(canvas, start, lb), keys,
                           _select_top_k(k), cfg)
@@ -483,7 +488,7 @@ def _sample_adaptive(den: Denoiser, canvas0, rng, cfg: SamplerConfig, operands,
     active, block = status(canvas)
     start = block * lb
     refresh = active & (block != prev_block)
-    logits, cache = _block_logits(den, refresh, canvas, start, cache, operands, lb)
+    logits, cache = _block_logits(den, refresh, active, canvas, start, cache, operands)
     keys = jax.vmap(step_key, (None, 0, 0))(rng, rows, steps)
     tokens = block_slice(canvas, start, lb)
     new = _block_step(logits, tokens, keys, select, cfg)
