@@ -138,6 +138,45 @@ def test_demo_images_are_one_row_on_black_and_extra_kinds_fit_their_scene(tmp_pa
     assert len(asked) == (1 if has_unique else 0), (caption, asked)
 
 
+def _read_scene(path: str) -> list[tuple[str, str]]:
+  """(colour, kind) of each shape in a demo image, left to right, from its pixels:
+  the colour by its RGB, the kind by how much of its bounding box it fills (square
+  ~1, circle ~pi/4, triangle ~1/2)."""
+  pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+  out = []
+  for name, rgb in shapes.COLOURS.items():
+    ys, xs = np.nonzero((pixels == rgb).all(-1))
+    if len(xs):
+      fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+      kind = "square" if fill > 0.92 else "circle" if fill > 0.66 else "triangle"
+      out.append((xs.min(), name, kind))
+  return [(c, k) for _, c, k in sorted(out)]
+
+
+def test_heldout_captions_ask_the_training_describe_question(tmp_path):
+  files = demo.generate(str(tmp_path), seed=2, num_train=6, num_heldout=40, image_size=56)
+  train = demo.read_jsonl(files.qa["train"])
+  asked = {r["conversations"][0]["value"] for r in train if r["kind"] == "describe"}
+  assert asked == {"<image>\nWhat shapes are there?"}
+  heldout = demo.read_jsonl(files.captions["heldout"])
+  assert [r["image"] for r in heldout] == [f"heldout/{i:06d}.png" for i in range(40)]
+  counts = set()
+  for r in heldout:
+    human, gpt = r["conversations"]
+    assert human == {"from": "human", "value": "<image>\nWhat shapes are there?"}
+    assert r["kind"] == "describe" and gpt["from"] == "gpt"
+    # The answer names the rendered shapes left to right.
+    scene = _read_scene(os.path.join(files.image_folder, r["image"]))
+    assert gpt["value"] == " and ".join(f"a {c} {k}" for c, k in scene), r["image"]
+    counts.add(len(scene))
+  assert counts == {1, 2, 3}
+  # Training's describe answers are the same function of the scene.
+  for r in train:
+    if r["kind"] == "describe":
+      scene = _read_scene(os.path.join(files.image_folder, r["image"]))
+      assert r["conversations"][1]["value"] == " and ".join(f"a {c} {k}" for c, k in scene)
+
+
 @pytest.mark.parametrize("one_row", [False, True])
 def test_grid_scenes_put_each_shape_inside_one_cell_of_its_own_column(one_row):
   # At the demo's 56 px, a cell of the 4x4 grid is one 14-px vision patch.
@@ -440,3 +479,4 @@ def test_worker_processes_give_the_same_batches(demo_tfds):
   resumed = iter(make(source, batch=4))  # in-process, from the workers' state
   resumed.set_state(state)
   assert_batches_equal([next(resumed)], expected[2:])
+

@@ -4,7 +4,8 @@
 
   root/images/{train,heldout}/NNNNNN.png   1-3 shapes on black, in one row of a 4x4 grid
   root/train.jsonl, root/heldout.jsonl     short-answer questions, one QA per record
-  root/captions_{train,heldout}.jsonl      stage-1 captions: "<image>" -> caption
+  root/captions_{train,heldout}.jsonl      every scene described, one record each:
+                                           "<image>\nWhat shapes are there?" -> caption
   root/manifest.json                       the arguments (a matching set is reused)
 
 `prepare(root, ...)` also writes the QA splits as tfds ArrayRecord under root/tfds.
@@ -14,7 +15,9 @@ Records are LLaVA format, `{"id", "image": "train/000012.png", "kind":
 colour is the circle?"}, {"from": "gpt", "value": "red"}]}`, with image paths relative
 to `root/images` (`kind`, one of `QUESTION_KINDS`, is ours: LLaVA readers ignore it).
 Every held-out question has exactly one one-word answer; training scenes are also
-described left to right (`TRAIN_EXTRA_KINDS`). Scene i of a
+described left to right (`TRAIN_EXTRA_KINDS`); the caption files ask every scene of
+a split that same question (`CAPTION_PROMPT`), so `captions_heldout.jsonl` is the
+held-out describe split, scored by exact match and CIDEr. Scene i of a
 split is drawn from `default_rng([seed, split, i])`, so a split's first records do
 not change when more are asked for, and train and held-out scenes never share a seed.
 
@@ -43,7 +46,6 @@ SPECIAL_STRINGS = ("<|startoftext|>", "<|endoftext|>", "<|start_header_id|>",
                    "<|im_start|>", "<|im_end|>")
 SPLITS = ("train", "heldout")
 NUMBERS = ("zero", "one", "two", "three")
-CAPTION_PROMPT = text.IMAGE_TOKEN
 # Shapes sit in the cells of a 4 x 4 grid, one per column, and fill 80-100% of their
 # cell: at the demo's 56 px a cell is one 14-px vision patch, so each patch sees one
 # whole shape (or background), which a small model learns in minutes.
@@ -69,6 +71,9 @@ QUESTION_KINDS = {
     "describe": "What shapes are there?",  # the caption (left to right; a short
                                            # question keeps the demo's rows at 44 tokens)
 }
+# The caption files ask what training's describe records ask (a prompt training never
+# saw, e.g. a bare "<image>", is answered with whatever one-word habit it has).
+CAPTION_PROMPT = f"{text.IMAGE_TOKEN}\n{QUESTION_KINDS['describe']}"
 DEFAULT_KINDS = ("colour_of_shape", "shape_of_colour", "count", "leftmost_colour",
                  "rightmost_colour")
 # Every training scene is also described left to right: a dozen answer tokens that
@@ -151,7 +156,7 @@ def _split_records(root: str, split: str, n: int, seed: int, image_size: int,
       qa.append(_record(f"{split}-{i:06d}-{j}", relpath,
                         f"{text.IMAGE_TOKEN}\n{question}", answer, str(kind)))
     captions.append(_record(f"{split}-{i:06d}-c", relpath, CAPTION_PROMPT,
-                            shapes.caption(scene), "caption"))
+                            shapes.caption(scene), "describe"))
   return qa, captions
 
 
@@ -183,7 +188,7 @@ def generate(root: str, *, seed: int = 0, num_train: int = 2000, num_heldout: in
                      f"shapes; use >= {8 * GRID}")
   args = dict(seed=seed, num_train=num_train, num_heldout=num_heldout,
               image_size=image_size, questions_per_image=questions_per_image,
-              kinds=list(kinds), train_extra_kinds=list(train_extra_kinds), version=5)
+              kinds=list(kinds), train_extra_kinds=list(train_extra_kinds), version=6)
   files = DemoFiles(root, os.path.join(root, "images"),
                     {s: os.path.join(root, f"{s}.jsonl") for s in SPLITS},
                     {s: os.path.join(root, f"captions_{s}.jsonl") for s in SPLITS})
