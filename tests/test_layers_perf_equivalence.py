@@ -1,0 +1,89 @@
+"""Faster formulations for CPU decoding compute the same function (issue 12).
+
+`layers.unstack_layers` + the unrolled `scan_layers` must equal the scanned
+stacked layers for every call the models make: the LM forward, the prefill's
+KV cache, a cached denoising step (both cache layouts' keys), remat, and the
+vision tower. No timing here: benchmarks/generate.py measures speed.
+"""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lavida_jax import generate
+from lavida_jax.models import layers
+from lavida_jax.models.lm import DiffusionLM, LMConfig
+from lavida_jax.models.siglip import SiglipConfig, SiglipVisionTower
+from tests.conftest import assert_close
+
+
+def _pair(make):
+  """(stacked, unstacked) copies of one model."""
+  a = make()
+  b = nnx.clone(a)
+  b.blocks = layers.unstack_layers(b.blocks)
+  return a, b
+
+
+@pytest.mark.parametrize("cfg", [LMConfig.tiny_llada(n_layers=3),
+                                 LMConfig.tiny_dream(n_layers=3)], ids=["llada", "dream"])
+def test_unstacked_lm_equals_scanned(cfg):
+  a, b = _pair(lambda: DiffusionLM(cfg, rngs=nnx.Rngs(0)))
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 200, (2, 11)))
+  valid = jnp.arange(11)[None] < jnp.array([[11], [7]])
+  assert_close(b(ids, valid), a(ids, valid))
+
+  x = a.embed_tokens(ids)
+  (ca, ha), (cb, hb) = a.prefill(x, valid), b.prefill(x, valid)
+  assert cb.k.shape == ca.k.shape == (cfg.n_layers, 2, 11, cfg.n_kv_heads, cfg.head_dim)
+  for got, want in ((cb.k, ca.k), (cb.v, ca.v), (hb, ha)):
+    assert_close(got, want)
+
+  canvas = a.embed_tokens(jnp.full((2, 5), cfg.mask_id))
+  assert_close(b.hidden_with_cache(canvas, cb), a.hidden_with_cache(canvas, ca))
+
+
+def test_unstacked_lm_under_jit_and_remat():
+  cfg = LMConfig.tiny_llada(n_layers=2, remat="full")
+  a, b = _pair(lambda: DiffusionLM(cfg, rngs=nnx.Rngs(1)))
+  ids = jnp.asarray(np.random.default_rng(1).integers(0, 200, (1, 9)))
+
+  def loss(model):
+    return jnp.mean(model(ids) ** 2)
+
+  la, ga = nnx.jit(nnx.value_and_grad(loss))(a)
+  lb, gb = nnx.jit(nnx.value_and_grad(loss))(b)
+  assert_close(lb, la)
+  # The gradient of layer i's q kernel is slice i of the stacked gradient.
+  for i in range(cfg.n_layers):
+    assert_close(gb.blocks[i].attn.q.kernel[...], ga.blocks.attn.q.kernel[...][i])
+
+
+def test_unstacked_vision_tower_equals_scanned():
+  cfg = dataclasses.replace(SiglipConfig.tiny(), depth=3)
+  a, b = _pair(lambda: SiglipVisionTower(cfg, rngs=nnx.Rngs(2)))
+  px = jax.random.uniform(jax.random.key(0), (2, 384, 384, 3), minval=-1, maxval=1)
+  assert_close(b(px), a(px))
+
+
+def test_unstacked_layers_are_copies_with_layer_axis_dropped():
+  cfg = LMConfig.tiny_llada(n_layers=3)
+  lm = DiffusionLM(cfg, rngs=nnx.Rngs(0))
+  per_layer = layers.unstack_layers(lm.blocks)
+  assert len(per_layer) == 3
+  q = per_layer[2].attn.q.kernel
+  np.testing.assert_array_equal(q[...], lm.blocks.attn.q.kernel[...][2])
+  assert q.get_metadata()["out_sharding"] == ("embed", "q_heads", "head_dim")
+  assert lm.blocks.attn.q.kernel.get_metadata()["out_sharding"][0] == "layers"
+
+
+def test_prefix_buckets_are_multiples_of_128():
+  """A 601-token prompt pads to 640, not 1024; the buckets still cover 8192."""
+  assert generate.bucket(601) == 640
+  assert generate.bucket(128) == 128 and generate.bucket(129) == 256
+  assert all(b % 128 == 0 for b in generate.PREFIX_BUCKETS if b >= 128)
+  assert list(generate.PREFIX_BUCKETS) == sorted(set(generate.PREFIX_BUCKETS))
+  assert generate.PREFIX_BUCKETS[-1] == 8192
