@@ -30,6 +30,7 @@ from flax import nnx
 
 from lavida_jax import image as image_lib
 from lavida_jax import text as text_lib
+from lavida_jax.data import packing
 from lavida_jax.diffusion import sampler as sampler_lib
 from lavida_jax.diffusion import schedule as schedule_lib
 from lavida_jax.models.lavida import IMAGE_TOKEN_ID, LaViDa
@@ -86,12 +87,70 @@ def bucket(n: int, buckets: Sequence[int] = PREFIX_BUCKETS) -> int:
                    f"{buckets[-1]}")
 
 
+def pack_prompts(model: LaViDa, prompts, length: int) -> dict[str, np.ndarray]:
+  """[(ids, images)] -> host arrays for `LaViDa.embed_packed`, left-padded to `length`.
+
+  ids [B, length] (-200 at image tokens), pixels [B, V, S, S, 3] (each row's views,
+  zero-padded to the batch's most), image_index / image_weight [B, length, 4] (which
+  pooled view features make each image token, `data/packing.py`), valid [B, length].
+  Left padding puts every prompt's end next to the canvas.
+  """
+  cfg = model.cfg
+  views = max([len(im[0][0]) for _, im in prompts if im] or [1])
+  size = cfg.image.size
+  out = dict(ids=np.zeros((len(prompts), length), np.int32),
+             pixels=np.zeros((len(prompts), views, size, size, 3), np.float32),
+             image_index=np.zeros((len(prompts), length, 4), np.int32),
+             image_weight=np.zeros((len(prompts), length, 4), np.float32),
+             valid=np.zeros((len(prompts), length), bool))
+  for b, (ids, images) in enumerate(prompts):
+    if len(images) > 1:
+      raise ValueError(f"a request holds at most one image, got {len(images)}")
+    image_size = None
+    if images:
+      pixels, image_size = images[0]
+      out["pixels"][b, :len(pixels)] = pixels
+    n = len(ids) - (1 if images else 0) + (model.layout(*images[0]).num_tokens if images else 0)
+    if n > length:
+      raise ValueError(f"prompt of {n} tokens (images expanded) exceeds length {length}")
+    row = packing.pack_example(ids, ids, image_size, cfg, n, 0, views)
+    out["ids"][b, length - n:] = row["input_ids"]
+    out["image_index"][b, length - n:] = row["image_index"]
+    out["image_weight"][b, length - n:] = row["image_weight"]
+    out["valid"][b, length - n:] = True
+  return out
+
+
+def prompt_length(model: LaViDa, ids, images) -> int:
+  """Tokens of a prompt with its image expanded."""
+  return (len(ids) - sum(i == IMAGE_TOKEN_ID for i in ids)
+          + sum(model.layout(*im).num_tokens for im in images))
+
+
+def _embed(state, ids, pixels, image_index, image_weight, *, graphdef):
+  model = nnx.merge(graphdef, state)
+  return model.embed_packed(ids, pixels, image_index, image_weight)
+
+
 def embed_prompts(model: LaViDa, prompts, length: int):
   """[(ids, images)] -> left-padded x [B, length, D], valid [B, length]."""
-  rows = [model.embed_multimodal(np.asarray(ids)[None], images)[0][0] for ids, images in prompts]
-  x = jnp.stack([jnp.pad(r, ((length - r.shape[0], 0), (0, 0))) for r in rows])
-  valid = np.arange(length)[None, :] >= np.array([length - r.shape[0] for r in rows])[:, None]
+  packed = pack_prompts(model, prompts, length)
+  graphdef, state = nnx.split(model)
+  valid = packed.pop("valid")
+  x = jax.jit(functools.partial(_embed, graphdef=graphdef))(state, **packed)
   return x, jnp.asarray(valid)
+
+
+def _prepare(state, ids, pixels, image_index, image_weight, valid, *, graphdef, cache):
+  """Prompt arrays -> the sampler's operands after lm_state: (x, valid) for Full-DLM,
+  else the prompt's (KV cache, logits at its last position [B, V]). One compiled
+  program per bucket: vision, splice and prefill."""
+  x = _embed(state, ids, pixels, image_index, image_weight, graphdef=graphdef)
+  if not cache:
+    return x, valid
+  lm = nnx.merge(graphdef, state).lm
+  kv, h = lm.prefill(x, valid)
+  return kv, lm.logits_from_hidden(h[:, -1])  # left padding: the prompt ends at P - 1
 
 
 CACHES = ("none", "prefix", "dual")
@@ -197,6 +256,9 @@ class Generator:
       cfg = dataclasses.replace(cfg, stop_ids=tuple(self.stop_ids()))
     self.cfg, self.system_prompt = cfg, system_prompt
     self.lm_graphdef, self.lm_state = nnx.split(model.lm)
+    self.graphdef, self.state = nnx.split(model)
+    self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,
+                                              cache=cache != "none"))
     den = denoiser(cache, self.lm_graphdef, model.cfg.lm.shifted_logits, cfg.block_length)
     self._sample = sampler_lib.make_sampler(den, cfg, return_steps=True)
     self._prefill = jax.jit(functools.partial(_prefill, lm_graphdef=self.lm_graphdef))
@@ -219,18 +281,11 @@ class Generator:
   def __call__(self, reqs: Sequence[Request], rng=None) -> list[Result]:
     t0 = time.perf_counter()
     prompts = [prompt_ids(self.model, self.tokenizer, r, self.system_prompt) for r in reqs]
-    lengths = [len(ids) - sum(i == IMAGE_TOKEN_ID for i in ids)
-               + sum(self.model.layout(*im).num_tokens for im in images)
-               for ids, images in prompts]
-    x, valid = embed_prompts(self.model, prompts, bucket(max(lengths)))
+    length = bucket(max(prompt_length(self.model, *p) for p in prompts))
     canvas0 = self.canvas(reqs)
     counts = sampler_lib.transfer_schedule(canvas0, self.cfg)
     rng = jax.random.key(0) if rng is None else rng
-    if self.prefix_cache:
-      cache, first = self._prefill(self.lm_state, x, valid)
-      operands = (cache, first)
-    else:
-      operands = (x, valid)
+    operands = self._prepare(self.state, **pack_prompts(self.model, prompts, length))
     out, steps = jax.device_get(self._sample(canvas0, counts, rng, self.lm_state, *operands))
     seconds = (time.perf_counter() - t0) / len(reqs)
     return [Result(self.decode(row), [int(i) for i in row], int(n) + int(self.prefix_cache),
