@@ -133,7 +133,7 @@ def main():
                   help="a demo run: checkpoints/ and demo_data/")
   ap.add_argument("--checkpoint", default=None, help="default: WORKDIR/checkpoints")
   ap.add_argument("--captions", default=None,
-                  help="held-out caption records (default: WORKDIR/demo_data/describe_heldout.jsonl)")
+                  help="held-out caption records (default: WORKDIR/demo_data/captions_heldout.jsonl)")
   ap.add_argument("--questions", default=None,
                   help="held-out one-word questions (default: WORKDIR/demo_data/heldout.jsonl)")
   ap.add_argument("--gen_length", type=int, default=16)
@@ -153,7 +153,7 @@ def main():
   system_prompt = generate.system_prompt_for(checkpoint)
   images = os.path.join(data, "images")
   captions = evaluate.qa_pairs(evaluate.read_records(
-      args.captions or os.path.join(data, "describe_heldout.jsonl")), images)[:args.num_captions]
+      args.captions or os.path.join(data, "captions_heldout.jsonl")), images)[:args.num_captions]
   questions = evaluate.qa_pairs(evaluate.read_records(
       args.questions or os.path.join(data, "heldout.jsonl")), images)[:args.num_questions]
   base = SamplerConfig(gen_length=args.gen_length, block_length=args.block_length,
