@@ -1,17 +1,25 @@
-"""The masked-diffusion sampler: LLaDA's `generate` with LaViDa's schedule.
+"""The masked-diffusion sampler: LLaDA's `generate` with LaViDa's schedule, and
+Fast-dLLM's parallel decoders (SPEC §7, §14).
 
-Model-agnostic and pure: the model enters as `denoise_fn(canvas, *operands)
--> logits`, a JAX function whose logits are already aligned to the canvas
-(the caller shifts Dream's logits and owns the prefix KV cache, SPEC §7.3).
-The whole loop over `num_blocks · steps_per_block` steps is one `lax.scan`
-inside one `jax.jit` (`make_sampler`); the schedule is a precomputed integer
-array (`transfer_schedule`, host side).
+Model-agnostic and pure: the model enters as a `Denoiser` (the block logits of
+each row, optionally a refresh pass that rebuilds a cache: the dual KV cache),
+or as a plain `denoise_fn(canvas, *operands) -> logits` over the whole canvas;
+logits are already aligned to the canvas (the caller shifts Dream's logits and
+owns the KV caches, SPEC §7.3). Decoders (static config, one program each):
+  fixed      LaViDa's transfer counts: one `lax.scan` over num_blocks ·
+             steps_per_block steps inside one `jax.jit` (`make_sampler`), the
+             schedule a precomputed integer array (`transfer_schedule`, host);
+  threshold  every mask of the block with confidence >= τ, at least one;
+  factor     the top n with (n + 1)(1 − c_n) < f, at least one;
+the last two in a `lax.while_loop` whose rows move through their blocks at
+their own pace (`_sample_adaptive`).
 
 Shapes: B rows, L = gen_length canvas positions, Lb = block_length, V the
 vocabulary (the logits' last axis).
 
-One step (SPEC §7.1), with `blk, s = divmod(step, steps_per_block)` and
-`k = counts[:, blk, s]`:
+One step of the fixed decoder (SPEC §7.1), with `blk, s = divmod(step,
+steps_per_block)` and `k = counts[:, blk, s]` (the adaptive decoders differ in
+step 5's choice of positions):
   1. logits = denoise_fn(canvas) [B, L, V], cast to float32; only block `blk`
      (positions blk·Lb .. (blk+1)·Lb − 1) is used from here on, since every
      other position has confidence −∞ and is never committed;
@@ -43,9 +51,15 @@ canvas.
 
 Randomness (temperature > 0 or `random` confidence): row b at step t uses
 `step_key(rng, b, t)` for one uniform draw over the block positions, which
-gives both the Gumbel noise and the `random` confidence (`_noise`). A row's
-result thus depends only on its own canvas, counts, index and the key, never
-on the batch size or the other rows.
+gives both the Gumbel noise and the `random` confidence (`_noise`); for the
+adaptive decoders t is the row's own step count. A row's result thus depends
+only on its own canvas, counts, index and the key, never on the batch size or
+the other rows.
+
+Caches: with a `Denoiser.refresh` (the dual cache), a row's first step in a
+block is a refresh pass, its other steps read the cache. A batch whose rows all
+refresh, or all read, makes one pass; a batch that mixes them (adaptive
+decoders, rows in different blocks) makes both and keeps each row's own.
 """
 
 from __future__ import annotations
