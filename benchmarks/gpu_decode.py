@@ -28,6 +28,7 @@ from PIL import Image
 
 from lavida_jax import generate, text
 from lavida_jax.diffusion.sampler import SamplerConfig, transfer_schedule
+from lavida_jax.models import layers
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet
@@ -52,6 +53,9 @@ def main():
   ap.add_argument("--gpu", default="H200", choices=sorted(HBM_BYTES_PER_S))
   ap.add_argument("--json", default=None)
   ap.add_argument("--quick", action="store_true", help="L=32, batch 1 only")
+  ap.add_argument("--unstack", action="store_true",
+                  help="run the LM's layers unrolled on per-layer arrays (layers.unstack_layers)")
+  ap.add_argument("--only", default="", help="comma list of L=...:B=... to run, e.g. 32:1,256:8")
   ap.add_argument("--size", default="full", choices=("full", "tiny"),
                   help="tiny: a smoke test of this script on the CPU")
   args = ap.parse_args()
@@ -63,6 +67,8 @@ def main():
         cfg.lm, vocab_size=126464, mask_id=126336, eos_id=126081))
   model = nnx.jit(lambda: LaViDa(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16,
                                  dtype=jnp.bfloat16))()
+  if args.unstack:
+    model.lm.blocks = layers.unstack_layers(model.lm.blocks)
   lm_params = nnx.state(model.lm, nnx.Param)
   lm_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm_params))
   # the input embedding is gathered (a few rows), not read whole, by a step
@@ -86,6 +92,8 @@ def main():
       for cache in ("none", "prefix", "dual"):
         if cache == "none" and L == 256 and batch == 8:
           continue  # 8 x ~1,400 tokens x 64 steps: minutes, and no news
+        if args.only and f"{L}:{batch}" not in args.only.split(","):
+          continue
         scfg = SamplerConfig(gen_length=L, block_length=lb, steps=steps, mask_id=cfg.lm.mask_id)
         gen = generate.Generator(model, tok, scfg, cache=cache)
         prompts = [generate.prompt_ids(model, tok, req)] * batch
