@@ -71,7 +71,11 @@ def first_process_first(fn):
 
 
 def make_train_data(cfg, workdir: str):
-  """Tokenizer, special ids and the batch iterator factory; plus held-out QA pairs."""
+  """Tokenizer, special ids and the batch iterator factory; plus the held-out sets.
+
+  Returns (data, heldout, system_prompt); heldout is None or a dict with "qa":
+  (pairs, groups) and, for the demo, "captions": the held-out describe pairs.
+  """
   from lavida_jax import evaluate, text
   from lavida_jax.data import demo, pipeline
   from lavida_jax.train import TrainData
@@ -87,16 +91,19 @@ def make_train_data(cfg, workdir: str):
     tok_path = cfg.data.tokenizer
     tokenizer = text.load_tokenizer(tok_path)
     specials = (text.SpecialTokens.dream() if template == "dream" else text.SpecialTokens.llada())
-  heldout, groups = None, None
+  heldout, groups, captions = None, None, None
   if cfg.data.source == "demo":
     root = cfg.data.get("demo_root") or os.path.join(workdir, "demo_data")
     files, data_dir = first_process_first(functools.partial(
         demo.prepare, root, seed=cfg.train.seed, num_train=cfg.data.demo_train,
-        num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size))
+        num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size,
+        questions_per_image=cfg.data.get("demo_questions", 2)))
     source = pipeline.open_source(data_dir, "train")  # the tfds ArrayRecord copy
     records = demo.read_jsonl(files.qa["heldout"])
     heldout = evaluate.qa_pairs(records, files.image_folder)
     groups = [r["kind"] for r in records]  # accuracy per question kind
+    captions = evaluate.qa_pairs(demo.read_jsonl(files.captions["heldout"]),
+                                 files.image_folder)
   else:
     source = pipeline.open_source(cfg.data.source, image_folder=cfg.data.image_folder or None)
   if cfg.eval.data:
@@ -114,30 +121,81 @@ def make_train_data(cfg, workdir: str):
 
   data = TrainData(tokenizer, specials, tok_path if os.path.isfile(tok_path) else None,
                    system_prompt, make_iterator)
-  return data, (heldout, groups) if heldout else None, system_prompt
+  sets = {"qa": (heldout, groups)} if heldout else {}
+  if captions:
+    sets["captions"] = captions
+  return data, sets or None, system_prompt
+
+
+def _caption_scores(predictions, references) -> dict:
+  """CIDEr and BLEU-4 (`evaluate.caption_scores`), or {} without pycocoevalcap (the
+  "eval" extra: `pip install -e .` alone does not bring it)."""
+  from lavida_jax import evaluate
+  try:
+    return evaluate.caption_scores(predictions, references)
+  except ImportError as err:
+    print(f"no CIDEr for the held-out captions ({err}): pip install -e '.[eval]'")
+    return {}
 
 
 def make_evaluate_fn(cfg, data, heldout, system_prompt):
-  """(model, step) -> exact-match metrics on the held-out questions (the sampler).
+  """(model, step) -> metrics of the sampler on the held-out sets.
 
-  heldout: (pairs, groups) from make_train_data; groups (or None) labels each pair.
+  heldout: from make_train_data. "qa": (pairs, groups), the first
+  `eval.num_examples` scored by exact match (and per group label); "captions": the
+  first `eval.num_captions` (0: none) scored by exact match, CIDEr and BLEU-4 under
+  "caption/" keys, sampled with a canvas of `eval.caption_gen_length` (blocks of
+  `eval.caption_block_length`, `eval.caption_steps` steps). None (no evaluation)
+  without held-out sets or with `eval.num_examples` = 0.
   """
-  if not heldout:
+  e = cfg.eval
+  if not heldout or not e.num_examples:
     return None
-  pairs, groups = heldout
-  n = cfg.eval.num_examples
   from lavida_jax import evaluate, generate
   from lavida_jax.diffusion.sampler import SamplerConfig
 
+  pairs, groups = heldout.get("qa", (None, None))
+  n = e.num_examples
+  captions = heldout.get("captions", [])[:e.get("num_captions", 0)]
+
+  def generator(model, gen_length, block_length, steps):
+    scfg = SamplerConfig(gen_length=gen_length, block_length=block_length, steps=steps,
+                         schedule=e.schedule, alpha=e.alpha, mask_id=model.cfg.lm.mask_id,
+                         decoder=e.decoder, threshold=e.threshold, factor=e.factor)
+    return generate.Generator(model, data.tokenizer, scfg, e.cache, system_prompt=system_prompt)
+
   def run(model, step):
-    e = cfg.eval
-    scfg = SamplerConfig(gen_length=e.gen_length, block_length=e.block_length, steps=e.steps,
-                         schedule=e.schedule, alpha=e.alpha, mask_id=model.cfg.lm.mask_id)
-    gen = generate.Generator(model, data.tokenizer, scfg, prefix_cache=e.prefix_cache,
-                             system_prompt=system_prompt)
-    return evaluate.evaluate(gen, pairs[:n], "vqa", e.batch_size, groups and groups[:n])
+    del step
+    out = {}
+    if pairs:
+      gen = generator(model, e.gen_length, e.block_length, e.steps)
+      out.update(evaluate.evaluate(gen, pairs[:n], "vqa", e.batch_size, groups and groups[:n]))
+    if captions:
+      gen = generator(model, e.caption_gen_length, e.caption_block_length, e.caption_steps)
+      results = evaluate.run_generation(gen, [r for r, _ in captions], e.batch_size)
+      ok = [(res.text, ref) for res, (_, ref) in zip(results, captions) if res.error is None]
+      preds, refs = [p for p, _ in ok], [r for _, r in ok]
+      scores = {**evaluate.score("vqa", preds, refs), **_caption_scores(preds, refs),
+                "n": len(ok), "errors": len(results) - len(ok),
+                "nfe": float(sum(res.nfe for res in results if res.error is None)
+                             / max(len(ok), 1))}
+      out.update({f"caption/{k}": v for k, v in scores.items()})
+    return out
 
   return run
+
+
+def scores_line(summary: dict) -> str | None:
+  """The held-out scores of a summary in one line (None without any)."""
+  scores = []
+  if "exact_match" in summary:
+    scores.append(f"one-word exact match {summary['exact_match']:.3f} (n={summary['n']})")
+  if "caption/exact_match" in summary:
+    cider = summary.get("caption/cider")
+    scores.append(f"captions exact match {summary['caption/exact_match']:.3f}"
+                  + ("" if cider is None else f", CIDEr {cider:.3f}")
+                  + f" (n={summary['caption/n']})")
+  return "held-out: " + "; ".join(scores) if scores else None
 
 
 def main(argv):
@@ -154,6 +212,9 @@ def main(argv):
   summary = train.train_and_evaluate(cfg, workdir, data,
                                      make_evaluate_fn(cfg, data, heldout, system_prompt))
   print(json.dumps(summary, indent=1, default=str))
+  line = scores_line(summary)
+  if line:
+    print(f"\n{line}")
   print(f"\ncheckpoint: {summary['checkpoint']}\n"
         f"generate:   python -m lavida_jax.generate --checkpoint={summary['checkpoint']} "
         f"--image=IMAGE.png --prompt=\"What colour is the circle?\"")

@@ -5,6 +5,7 @@ import filecmp
 import json
 import os
 import pickle
+import sys
 
 import jax
 import numpy as np
@@ -480,3 +481,57 @@ def test_worker_processes_give_the_same_batches(demo_tfds):
   resumed.set_state(state)
   assert_batches_equal([next(resumed)], expected[2:])
 
+
+# ------------------------------------------------- held-out sets, as main scores them --
+
+
+def test_main_scores_heldout_captions_beside_one_word_answers(tmp_path, monkeypatch):
+  """main's evaluate fn on the demo: exact match on the first eval.num_examples
+  questions, and on the first eval.num_captions captions exact match and CIDEr, each
+  set sampled with its own canvas. A stub sampler answers every question and every
+  other caption right."""
+  import types
+  from lavida_jax import generate
+  from lavida_jax import main as main_lib
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+  import cpu_demo  # pylint: disable=g-import-not-at-top
+
+  cfg = cpu_demo.get_config()
+  cfg.data.demo_train, cfg.data.demo_heldout = 4, 6
+  cfg.data.demo_root = str(tmp_path / "demo")
+  cfg.eval.num_examples, cfg.eval.num_captions = 5, 4
+  data, heldout, system_prompt = main_lib.make_train_data(cfg, str(tmp_path))
+  data_root = cfg.data.demo_root
+  answers = {(r.prompt, r.image): a for r, a in heldout["qa"][0] + heldout["captions"]}
+  canvases, asked = [], []
+  describe = "<image>\nWhat shapes are there?"
+
+  class Stub:
+    def __init__(self, model, tokenizer, scfg, cache, system_prompt=None):
+      canvases.append((scfg.gen_length, scfg.block_length, scfg.steps))
+
+    def __call__(self, reqs, rng=None):
+      out = []
+      for r in reqs:
+        asked.append(r)
+        right = r.prompt != describe or int(r.image[-8:-4]) % 2 == 0
+        out.append(generate.Result(text=answers[r.prompt, r.image] if right else "a red cat",
+                                   ids=[], nfe=3, seconds=0.0))
+      return out
+
+  monkeypatch.setattr(generate, "Generator", Stub)
+  model = types.SimpleNamespace(cfg=types.SimpleNamespace(lm=types.SimpleNamespace(mask_id=0)))
+  out = main_lib.make_evaluate_fn(cfg, data, heldout, system_prompt)(model, 0)
+  assert canvases == [(4, 4, 4), (12, 12, 12)]  # one-word, then caption canvases
+  assert out["exact_match"] == 1.0 and out["n"] == 5
+  assert out["caption/exact_match"] == 0.5 and out["caption/n"] == 4
+  assert 0.0 < out["caption/cider"] < 10.0 and out["caption/nfe"] == 3
+  assert [r.prompt for r in asked[5:]] == [describe] * 4
+  assert describe not in [r.prompt for r in asked[:5]]
+  assert [os.path.relpath(r.image, data_root) for r in asked[5:]] == [
+      f"images/heldout/{i:06d}.png" for i in range(4)]
+  line = main_lib.scores_line(out)
+  assert "one-word exact match 1.000 (n=5)" in line
+  assert f"captions exact match 0.500, CIDEr {out['caption/cider']:.3f} (n=4)" in line
+  cfg.eval.num_examples = 0  # what the multi-process tests pass: no evaluation at all
+  assert main_lib.make_evaluate_fn(cfg, data, heldout, system_prompt) is None
