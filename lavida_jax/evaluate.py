@@ -169,11 +169,14 @@ def main(argv):
   system_prompt = generate.system_prompt_for(FLAGS.checkpoint)
   pairs = qa_pairs(read_records(FLAGS.data), FLAGS.image_folder)[:FLAGS.num_examples or None]
   report = {}
-  steps_list = map(int, FLAGS.steps) if FLAGS.decoder == "fixed" else [None]
-  for steps in steps_list:
-    cfg, cache = generate.decoding_from_flags(FLAGS, model.cfg.lm.mask_id, steps)
+  fixed = FLAGS.decoder == "fixed"  # an NFE sweep; the adaptive decoders pick their steps
+  for steps in map(int, FLAGS.steps) if fixed else [FLAGS.gen_length]:
+    try:
+      cfg, cache = generate.decoding_from_flags(FLAGS, model.cfg.lm.mask_id, steps)
+    except ValueError as e:
+      raise SystemExit(str(e)) from None
     gen = generate.Generator(model, tokenizer, cfg, cache, system_prompt)
-    name = f"steps={steps}" if steps else f"{cfg.decoder}"
+    name = f"steps={steps}" if fixed else f"{cfg.decoder}"
     report[f"{name},cache={cache}"] = evaluate(gen, pairs, FLAGS.task, FLAGS.batch_size)
   print(json.dumps(report, indent=1))
 

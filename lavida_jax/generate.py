@@ -373,6 +373,44 @@ def define_decoding_flags(steps_list: bool = False):
 
 def decoding_from_flags(FLAGS, mask_id: int, steps: int | None = None):
   """-> (SamplerConfig, cache mode) from `define_decoding_flags`' flags."""
+  cfg = sampler_lib.SamplerConfig(
+      gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
+      steps=FLAGS.steps if steps is None else steps, schedule=FLAGS.schedule,
+      alpha=FLAGS.shift, temperature=FLAGS.temperature, confidence=FLAGS.confidence,
+      mask_id=mask_id, decoder=FLAGS.decoder, threshold=FLAGS.threshold, factor=FLAGS.factor)
+  return cfg, FLAGS.cache or ("prefix" if FLAGS.prefix_cache else "none")
+
+
+def _flags():
+  from absl import flags
+  f = flags
+  f.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint folder.", required=True)
+  f.DEFINE_string("image", None, "Image file (one request).")
+  f.DEFINE_string("prompt", None, "The question (one request).")
+  f.DEFINE_string("requests", None, "JSONL of {\"prompt\", \"image\"?, \"draft\"?} (batch mode).")
+  f.DEFINE_string("output", None, "Where batch mode writes its JSONL results (default stdout).")
+  f.DEFINE_string("tokenizer", None, "Tokenizer file/folder (default: beside the checkpoint).")
+  define_decoding_flags()
+  f.DEFINE_string("draft", None, "Infilling draft: fixed text with <|mdm_mask|> runs.")
+  f.DEFINE_integer("seed", 0, "PRNG seed.")
+  f.DEFINE_integer("batch_size", 8, "Requests per batch in batch mode.")
+  f.DEFINE_string("dtype", "float32", "Parameter dtype.")
+  return flags.FLAGS
+
+
+def main(argv):
+  from absl import flags
+  FLAGS = flags.FLAGS
+  import lavida_jax
+  from lavida_jax import evaluate
+
+  if len(argv) > 1:
+    raise SystemExit(f"unexpected arguments: {argv[1:]}")
+  if (FLAGS.requests is None) == (FLAGS.prompt is None):
+    raise SystemExit("give either --prompt (with --image) or --requests")
+  model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
+  tokenizer = load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
+  system_prompt = system_prompt_for(FLAGS.checkpoint)
   try:
     cfg, cache = decoding_from_flags(FLAGS, model.cfg.lm.mask_id)
   except ValueError as e:

@@ -189,3 +189,47 @@ def test_dual_cache_threshold_decoding_on_a_mesh_equals_one_device(reference_che
   eight = generate.Generator(sharded, tiny_tokenizer, cfg, cache="dual")(REQS)
   assert [r.ids for r in one] == [r.ids for r in eight]
   assert [r.nfe for r in one] == [r.nfe for r in eight]
+
+
+def test_the_clis_take_the_decoder_and_cache_flags(reference_checkpoint, tiny_tokenizer,
+                                                   tmp_path):
+  """python -m lavida_jax.generate / evaluate with --decoder/--cache (subprocesses): the
+  answers equal the Python API's; a bad flag value stops with its name, no traceback."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  import lavida_jax
+  from lavida_jax import evaluate
+
+  _, folder = reference_checkpoint("lavida-llada")
+  image = tmp_path / "a.png"
+  REQS[0].image.save(image)
+  flags = [f"--checkpoint={folder}", f"--tokenizer={tiny_tokenizer.name}", "--gen_length=8",
+           "--block_length=4", "--decoder=threshold", "--threshold=0.5", "--cache=dual"]
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  run = lambda mod, *args: subprocess.run(
+      [sys.executable, "-m", mod, *flags, *args], cwd=root, capture_output=True, text=True,
+      timeout=300, check=False, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  model = lavida_jax.load_pretrained(folder)
+  cfg = _cfg(model, decoder="threshold", threshold=0.5)
+  gen = generate.Generator(model, tiny_tokenizer, cfg, cache="dual")
+  want = gen([generate.Request(REQS[0].prompt, str(image))])[0]
+
+  out = run("lavida_jax.generate", f"--image={image}", f"--prompt={REQS[0].prompt}")
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == want.text and f"nfe={want.nfe}" in out.stderr
+
+  data = tmp_path / "qa.jsonl"
+  data.write_text(json.dumps({"image": "a.png", "conversations": [
+      {"from": "human", "value": REQS[0].prompt}, {"from": "gpt", "value": want.text}]}) + "\n")
+  out = run("lavida_jax.evaluate", f"--data={data}", f"--image_folder={tmp_path}")
+  assert out.returncode == 0, out.stderr
+  report = json.loads(out.stdout[out.stdout.index("{"):])
+  assert report["threshold,cache=dual"]["exact_match"] == 1.0
+  assert report["threshold,cache=dual"]["nfe"] == want.nfe
+
+  out = run("lavida_jax.generate", f"--image={image}", "--prompt=hi", "--threshold=1.5")
+  assert out.returncode != 0 and "threshold must be in (0, 1]" in out.stderr
+  assert "Traceback" not in out.stderr
