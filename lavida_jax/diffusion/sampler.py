@@ -312,7 +312,7 @@ def block_update(x_BL, block_BLb, start_B):
 
 
 def _block_step(logits_BLbV, block_BLb, keys_B, select, cfg: SamplerConfig):
-  """One denoising step on each row's block: (new block tokens, committed mask)."""
+  """One denoising step on each row's block -> its new tokens [B, Lb]."""
   logits = _forbid(logits_BLbV.astype(jnp.float32), cfg)
   x0, conf = _predict(logits, keys_B, cfg)
   eligible = block_BLb == cfg.mask_id
@@ -430,8 +430,8 @@ def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
   else:
     canvas, history, steps = _sample_adaptive(den, canvas0, rng, cfg, operands,
                                               return_history)
-  return (canvas, *([history] if return_history else []),
-          *([steps] if return_steps else [])) if (return_history or return_steps) else canvas
+  out = (canvas,) + ((history,) if return_history else ()) + ((steps,) if return_steps else ())
+  return out if len(out) > 1 else canvas
 
 
 def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, operands,
