@@ -1,6 +1,6 @@
 """Held-out accuracy by transfer schedule x NFE on a trained checkpoint (issue 4, item 7).
 
-For each schedule (shift with alpha 1/3 and 3, linear, cosine) and each NFE
+For each schedule (shift with alpha 1/3 and 3, none = LLaDA's uniform rule, cosine) and each NFE
 (100/50/25% of the canvas length L, one block): exact match on the held-out
 questions with the prefix-cache sampler, NFE per sample and seconds per sample.
 The goal it checks: shift alpha=1/3 at NFE 50% keeps >= 95% of the NFE-100% accuracy.
@@ -19,7 +19,7 @@ import lavida_jax
 from lavida_jax import evaluate, generate
 from lavida_jax.diffusion.sampler import SamplerConfig
 
-SCHEDULES = (("shift", 1 / 3), ("shift", 3.0), ("linear", 1.0), ("cosine", 1.0))
+SCHEDULES = (("shift", 1 / 3), ("shift", 3.0), ("none", 1.0), ("cosine", 1.0))
 NFE_FRACTIONS = (1.0, 0.5, 0.25)
 
 

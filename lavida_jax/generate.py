@@ -355,8 +355,11 @@ def define_decoding_flags(steps_list: bool = False):
   else:
     f.DEFINE_integer("steps", 32, "Denoising steps over all blocks (fixed decoder).")
   f.DEFINE_integer("block_length", 32, "Block length (divides gen_length).")
-  f.DEFINE_enum("schedule", "shift", list(schedule_lib.SCHEDULES), "Transfer schedule.")
-  f.DEFINE_float("shift", 1 / 3, "Timestep-shift alpha (the paper's 1/3).")
+  f.DEFINE_enum("schedule", "shift", list(schedule_lib.SCHEDULES),
+                "Transfer schedule, LaViDa's names: none (LLaDA's uniform rule), linear "
+                "(sigma = t), shift (--shift), cosine, logit_normal.")
+  f.DEFINE_float("shift", 1 / 3, "Timestep-shift alpha for --schedule=shift (the paper's "
+                 "1/3; LaViDa's generate defaults to 3, its eval scripts pass 0.33).")
   f.DEFINE_enum("decoder", "fixed", list(sampler_lib.DECODERS),
                 "fixed: the schedule's counts; threshold / factor: Fast-dLLM's parallel "
                 "decoding (as many steps as the answer needs).")

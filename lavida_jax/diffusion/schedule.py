@@ -9,7 +9,26 @@ than `N` steps are never useful). The diffusion time runs from t = 1 (all
 masked) down to t = 0; a schedule is a curve `σ(t)`, the fraction of the block
 still masked at time `t`, with σ(0) = 0 and σ(1) = 1.
 
-"Counts by floors" (shared by `shift` and `cosine`, reproducing LaViDa's
+The names are LaViDa's (`generate(..., schedule=, schedule_kwargs=)` in its
+`llada/generate.py`, SPEC §7.2), so that an evaluation's kwargs mean the same
+here:
+
+  "none"          LLaDA's uniform rule (LaViDa's `schedule=None`): ⌊N/K⌋ per
+                  step, one more on each of the first N mod K steps.
+  "linear"        σ(t) = t, counts by floors (= "shift" with α = 1).
+  "shift"         σ(t) = α·t / (1 + (α − 1)·t), counts by floors; LaViDa's
+                  `schedule_kwargs={'shift': α}`, default α = 3 (commits late).
+                  The paper's choice is α = 1/3 (commits early; SamplerConfig's
+                  default); LaViDa's evaluation scripts pass 0.33.
+  "cosine"        σ(t) = 1 − (1 + cos(π·t)) / 2, counts by floors.
+  "logit_normal"  σ(t) = Φ(logit t) = (1 + erf(log(t / (1 − t)) / √2)) / 2,
+                  counts by floors (LaViDa's `sigmoid_normal_cdf`).
+
+(An earlier SPEC called LLaDA's uniform rule "linear"; in LaViDa "linear" is
+σ = t through the floors, which spreads N/K unevenly: N = 6, K = 3 gives
+[3, 1, 2], not [2, 2, 2].)
+
+"Counts by floors" (every schedule but "none", reproducing LaViDa's
 `get_num_transfer_tokens_sch` bit for bit):
 
   1. t_j = j/K for j = 0..K, in float32 as `torch.linspace(0, 1, K + 1)`
@@ -32,15 +51,27 @@ Everywhere else the counts equal LaViDa's.
 The float32 arithmetic is part of the definition, not a detail: α = 0.33 (what
 LaViDa's evaluation scripts pass) and α = 1/3 (the paper) give different
 counts, and α = 1/3 in exact arithmetic differs again (SPEC §13).
+
+"logit_normal" needs log and erf, which PyTorch computes with its own float32
+kernels (SLEEF on AVX2/AVX-512, glibc otherwise): not correctly rounded, and not
+even the same bits on every CPU, so LaViDa's counts for it change with the
+machine (9,834 of the (N ≤ 1024, K ≤ 256) cases differ between torch's AVX-512
+and default kernels). Here each float32 operation is rounded once, correctly
+(log and erf in float64, then rounded): the same counts on every machine, equal
+to torch's AVX-512 ones in 99.6% of those cases, and differing only where
+torch's σ_j is off by an ulp.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import operator
 
 import numpy as np
 
-SCHEDULES = ("shift", "linear", "cosine")
+SCHEDULES = ("none", "linear", "shift", "cosine", "logit_normal")
+DEFAULT_SHIFT = 3.0  # LaViDa's `schedule_kwargs.get('shift', 3)`
 
 
 def _linspace01(n: int) -> np.ndarray:
@@ -59,6 +90,14 @@ def _linspace01(n: int) -> np.ndarray:
   return t.astype(np.float32)
 
 
+@functools.lru_cache(maxsize=4096)
+def _sigmas(schedule: str, k: int, alpha: float) -> np.ndarray:
+  """σ(t_j) for j = 0..K, float32, read-only (cached: it depends on K, not N)."""
+  sigma = _sigma(schedule, _linspace01(k + 1), alpha)
+  sigma.setflags(write=False)
+  return sigma
+
+
 def _sigma(schedule: str, t: np.ndarray, alpha: float) -> np.ndarray:
   """σ(t), the masked fraction at time t, in float32, op by op as LaViDa."""
   if schedule == "shift":
@@ -66,10 +105,21 @@ def _sigma(schedule: str, t: np.ndarray, alpha: float) -> np.ndarray:
     # as torch does with a Python float times a float32 tensor.
     a, a_minus_1 = np.float32(alpha), np.float32(alpha - 1.0)
     return (a * t) / (np.float32(1.0) + a_minus_1 * t)
+  if schedule == "linear":
+    return t
   if schedule == "cosine":
     # 1 − (1 + cos(π·t)) / 2, i.e. sin²(π·t / 2).
     cos = np.cos(np.float32(np.pi) * t)
     return np.float32(1.0) - np.float32(0.5) * (np.float32(1.0) + cos)
+  if schedule == "logit_normal":
+    # Φ(logit t): t / (1 − t) → log → / √2 → erf → (1 + ·) / 2, each rounded to
+    # float32 once (t = 0 → log 0 = −inf → σ = 0; t = 1 → +inf → σ = 1).
+    with np.errstate(divide="ignore"):
+      ratio = t / (np.float32(1.0) - t)
+      logit = np.log(ratio.astype(np.float64)).astype(np.float32)
+    z = logit / np.float32(math.sqrt(2.0))
+    erf = np.array([math.erf(v) for v in z.astype(np.float64)]).astype(np.float32)
+    return np.float32(0.5) * (np.float32(1.0) + erf)
   raise AssertionError(schedule)
 
 
@@ -88,6 +138,23 @@ def _counts_by_floors(sigma: np.ndarray, n: int) -> np.ndarray:
   return d[::-1]
 
 
+def check_schedule(schedule: str | None) -> str:
+  """The schedule's name (None → "none", as LaViDa's `schedule=None`), or an error."""
+  schedule = "none" if schedule is None else schedule
+  if schedule not in SCHEDULES:
+    raise ValueError(
+        f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
+  return schedule
+
+
+def check_alpha(alpha: float | None) -> float:
+  """The shift α as a float (None → LaViDa's default 3), or an error."""
+  alpha = DEFAULT_SHIFT if alpha is None else float(alpha)
+  if not (np.isfinite(alpha) and alpha > 0):
+    raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+  return alpha
+
+
 def _check_positive_int(name: str, value) -> int:
   try:
     value = operator.index(value)
@@ -98,22 +165,24 @@ def _check_positive_int(name: str, value) -> int:
   return value
 
 
-def transfer_counts(n_masks: int, steps: int, schedule: str = "shift",
-                    alpha: float = 1 / 3) -> np.ndarray:
+def transfer_counts(n_masks: int, steps: int, schedule: str | None = "shift",
+                    alpha: float | None = None) -> np.ndarray:
   """Tokens committed at each step when denoising `n_masks` masks.
 
   Args:
     n_masks: N, the masked tokens in the block (>= 1).
     steps: the steps asked for (>= 1); K = min(steps, N) are used.
-    schedule: one of `SCHEDULES`:
-      "shift"   σ(t) = α·t / (1 + (α − 1)·t), counts by floors (module
-                docstring). α < 1 commits more tokens early, α > 1 late,
-                α = 1 is σ(t) = t (N/K per step, spread by floors).
-      "linear"  LLaDA's rule: ⌊N/K⌋ every step, plus one on each of the first
-                N mod K steps.
-      "cosine"  σ(t) = (1 − cos(π·t)) / 2, float32, counts by floors: LaViDa's
-                cosine schedule (few tokens at both ends, most in the middle).
-    alpha: the shift α (> 0); used by "shift" only. 1/3 is the paper's value;
+    schedule: one of `SCHEDULES` (module docstring), or None for "none" as
+      LaViDa spells it:
+      "none"          LLaDA's rule: ⌊N/K⌋ every step, plus one on each of the
+                      first N mod K steps.
+      "linear"        σ(t) = t, counts by floors.
+      "shift"         σ(t) = α·t / (1 + (α − 1)·t), counts by floors. α < 1
+                      commits more tokens early, α > 1 late.
+      "cosine"        σ(t) = (1 − cos(π·t)) / 2: few tokens at both ends.
+      "logit_normal"  σ(t) = Φ(logit t): few at both ends, sharper.
+    alpha: the shift α (> 0), LaViDa's `schedule_kwargs['shift']`; used by
+      "shift" only; None is LaViDa's default, 3. 1/3 is the paper's value;
       LaViDa's evaluation scripts pass 0.33, which gives other counts.
 
   Returns:
@@ -122,18 +191,14 @@ def transfer_counts(n_masks: int, steps: int, schedule: str = "shift",
   """
   n = _check_positive_int("n_masks", n_masks)
   steps = _check_positive_int("steps", steps)
-  if schedule not in SCHEDULES:
-    raise ValueError(
-        f"unknown schedule {schedule!r}; expected one of {', '.join(SCHEDULES)}")
-  alpha = float(alpha)
-  if not (np.isfinite(alpha) and alpha > 0):
-    raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+  schedule = check_schedule(schedule)
+  alpha = check_alpha(alpha)
   k = min(steps, n)
-  if schedule == "linear":
+  if schedule == "none":
     counts = np.full(k, n // k, np.int64)
     counts[:n % k] += 1
   else:
-    counts = _counts_by_floors(_sigma(schedule, _linspace01(k + 1), alpha), n)
+    counts = _counts_by_floors(_sigmas(schedule, k, alpha if schedule == "shift" else 0.0), n)
   return counts.astype(np.int32)
 
 
@@ -155,7 +220,7 @@ def _split_blocks(gen_length: int, block_length: int,
 
 
 def block_schedule(gen_length: int, block_length: int, steps: int,
-                   schedule: str = "shift", alpha: float = 1 / 3) -> np.ndarray:
+                   schedule: str | None = "shift", alpha: float | None = None) -> np.ndarray:
   """The sampler's whole schedule, one static array (LLaDA semantics).
 
   The canvas of `gen_length` masks is split into `num_blocks = gen_length /
@@ -167,7 +232,7 @@ def block_schedule(gen_length: int, block_length: int, steps: int,
     tokens step i of block b commits, i.e. `transfer_counts(block_length,
     steps_per_block, schedule, alpha)`. When steps_per_block > block_length
     only the first block_length steps are used and each row ends in zeros
-    (the same zeros LLaDA's `get_num_transfer_tokens` gives for the linear
+    (the same zeros LLaDA's `get_num_transfer_tokens` gives for the "none"
     schedule); a step with count 0 commits nothing and the sampler should
     skip its forward pass. The zeros are always trailing, so a sampler can
     equally loop over only the first `min(steps_per_block, block_length)`
