@@ -41,6 +41,7 @@ from lavida_jax import generate
 from lavida_jax.data import demo, shapes
 from lavida_jax.diffusion import sampler as sampler_lib
 from lavida_jax.diffusion.sampler import SamplerConfig
+from lavida_jax.models import layers
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -151,6 +152,9 @@ def compare(args, model, tok):
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "inputs.npz")
     np.savez(path, **torch_inputs(model, prompt, canvas0, counts))
+    if args.unstacked:  # what a Generator for CPU could do once: unrolled layers, no slices
+      model.lm.blocks = layers.unstack_layers(model.lm.blocks)
+      model.vision.blocks = layers.unstack_layers(model.vision.blocks)
     for cache in (True, False) if args.no_cache else (True,):
       ours, theirs = [], []
       for _ in range(args.rounds):
@@ -165,7 +169,8 @@ def compare(args, model, tok):
   print(f"backend={jax.default_backend()} d_model={args.d_model} layers={args.layers} "
         f"vision {args.vision_width}x{args.vision_depth} image {args.image_size} "
         f"prefix={rows[0]['prefix']} (bucket {rows[0]['bucket']}) L={L} steps={args.steps} "
-        f"runs={args.runs}x{args.rounds} torch threads={theirs[-1]['threads']}")
+        f"runs={args.runs}x{args.rounds} torch threads={theirs[-1]['threads']}"
+        + (" unstacked layers" if args.unstacked else ""))
   print(f"{'side':>15} {'cache':>6} {'total s':>8} {'vision s':>9} {'prefill s':>10} "
         f"{'steps s':>8} {'ms/step':>8}")
   for r in rows:
@@ -223,6 +228,10 @@ def main():
   ap.add_argument("--torch_threads", type=int, default=None, help="default: torch's own")
   ap.add_argument("--sweep", action="store_true", help="ours only: NFE x cache table")
   ap.add_argument("--batch", type=int, default=1, help="--sweep only")
+  ap.add_argument("--unstacked", action="store_true",
+                  help="per-layer weights (layers.unstack_layers) in the LM and vision tower")
+  ap.add_argument("--bucket", type=int, default=None,
+                  help="pad every prompt to this length (e.g. 1024: the old bucket of 601)")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--json", default=None, help="also write the results here")
   args = ap.parse_args()
@@ -230,6 +239,8 @@ def main():
 
   model, tok = build(args.d_model, args.layers, args.vision_width, args.dtype,
                      args.vision_depth)
+  if args.bucket:
+    generate.bucket = lambda n, _b=args.bucket: max(_b, n)
   rows = sweep(args, model, tok) if args.sweep else compare(args, model, tok)
   if args.json:
     with open(args.json, "w") as f:
