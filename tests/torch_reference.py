@@ -58,6 +58,8 @@ def language_model(cfg: LaViDaConfig, seed: int = 1):
                 num_key_value_heads=lm.n_kv_heads, rms_norm_eps=lm.norm_eps,
                 rope_theta=lm.rope_theta, tie_word_embeddings=False,
                 max_position_embeddings=4096)
+  if lm.head_dim * lm.n_heads != lm.d_model:
+    common["head_dim"] = lm.head_dim
   if cfg.family == "lavida-dream":
     model = Qwen2ForCausalLM(Qwen2Config(**common))
   else:
@@ -78,8 +80,8 @@ def projector(cfg: LaViDaConfig, seed: int = 2) -> torch.nn.Sequential:
 class Reference:
   """The PyTorch side of one tiny model: vision, projector, newline, LM."""
 
-  def __init__(self, family: str, seed: int = 0):
-    self.cfg = TINY[family]
+  def __init__(self, family: str, seed: int = 0, cfg: LaViDaConfig | None = None):
+    self.cfg = TINY[family] if cfg is None else cfg
     self.vision = siglip(self.cfg, seed)
     self.projector = projector(self.cfg, seed + 2)
     self.newline = torch.randn(self.cfg.connector.lm_dim,
@@ -163,7 +165,8 @@ class Reference:
                  num_key_value_heads=lm.n_kv_heads, num_hidden_layers=lm.n_layers,
                  intermediate_size=lm.mlp_dim, vocab_size=lm.vocab_size,
                  rope_theta=lm.rope_theta, rms_norm_eps=lm.norm_eps,
-                 tie_word_embeddings=False)
+                 tie_word_embeddings=False,
+                 **({"head_dim": lm.head_dim} if lm.head_dim * lm.n_heads != lm.d_model else {}))
     if self.cfg.family == "lavida-dream":
       return dict(model_type="llava_dream", architectures=["LlavaDreamForMaskedDiffusion"],
                   mask_token_id=lm.mask_id, pad_token_id=lm.eos_id,

@@ -88,9 +88,31 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def rope_inv_freq(head_dim: int, theta: float):
+  """[H/2] float32 numpy: 1 / θ^(2i/H) rounded as PyTorch's float32 CPU code rounds it.
+
+  LLaDA and transformers compute `1.0 / (theta ** (arange(0, H, 2).float() / H))`:
+  the exponent is exact in float32, the power is rounded to float32, then the
+  reciprocal is rounded again. A correctly rounded 1/θ^e (what XLA computes)
+  differs by 1 ulp at ~1 entry in 4 (SPEC §13), and that moves the float32 angles
+  at long positions. Built on the host once, with two roundings like torch: the
+  float64 power rounded to float32 is torch's scalar (glibc) `powf`; torch's
+  AVX2/AVX-512 kernels use SLEEF's `powf` (1-ulp bound), which rounds a value
+  lying within ~1e-9 of a float32 midpoint the other way at a few entries
+  (head_dim 128, θ 1e6: entry 37 of 64; none for θ 1e4 / 5e5 at 64 or 128).
+  """
+  import numpy as np  # host side, once per (head_dim, theta)
+  exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+  power = (np.float64(np.float32(theta)) ** exponent.astype(np.float64)).astype(np.float32)
+  table = np.float32(1.0) / power
+  table.setflags(write=False)  # shared by the cache
+  return table
+
+
 def rope_angles(positions_BT, head_dim: int, theta: float):
-  """cos, sin: [B, T, H/2], angles computed in float32 like the reference."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  """cos, sin: [B, T, H/2]; angles = position × inv_freq in float32, like the reference."""
+  inv_freq = jnp.asarray(rope_inv_freq(head_dim, float(theta)))
   angles = positions_BT.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(angles), jnp.sin(angles)
 
