@@ -132,3 +132,143 @@ def test_full_size_parameter_counts(family, approx):
   count = param_count(cfg)
   assert count == _closed_form_count(cfg.vision, cfg.connector, cfg.lm)
   assert abs(count - approx) / approx < 0.005
+
+
+# --- the vision tower's geometry as LaViDa derives it (SPEC §13) ----------------------
+
+def _base_tower(folder, cfg, nested=False, heads=None):
+  """The base SigLIP folder LaViDa's config names: one layer more than the checkpoint
+  keeps, plus the attention-pooling head; config.json flat (SiglipVisionModel) or
+  nested under vision_config (SiglipModel)."""
+  from transformers import SiglipConfig, SiglipVisionConfig, SiglipVisionModel
+  v = cfg.vision
+  vc = SiglipVisionConfig(hidden_size=v.width, intermediate_size=v.mlp_dim,
+                          num_hidden_layers=v.depth + 1,
+                          num_attention_heads=heads or v.num_heads, image_size=v.image_size,
+                          patch_size=v.patch_size, layer_norm_eps=v.eps,
+                          hidden_act="gelu_pytorch_tanh", vision_use_head=True)
+  if nested:
+    SiglipConfig(vision_config=vc.to_dict()).save_pretrained(str(folder))
+  else:
+    SiglipVisionModel(vc).save_pretrained(str(folder))
+  return str(folder)
+
+
+def _lavida_layout(ref, folder, tower):
+  """The checkpoint as LaViDa's training writes it: no vision sizes, only the tower."""
+  config = ref.config_json()
+  del config["vision_config"]
+  config["mm_vision_tower"] = tower
+  return ref.save(str(folder), config=config)
+
+
+def test_lavida_layout_checkpoint_beside_its_base_tower_loads(reference_checkpoint, tmp_path,
+                                                              caplog):
+  """mm_vision_tower 'tiny-siglip-27x27' is the folder beside the checkpoint."""
+  from PIL import Image
+
+  from lavida_jax import image as image_lib
+  ref, _ = reference_checkpoint("lavida-llada")
+  _base_tower(tmp_path / "tiny-siglip-27x27", ref.cfg)
+  folder = _lavida_layout(ref, tmp_path / "lavida-tiny", "tiny-siglip-27x27")
+  with caplog.at_level("INFO"):
+    model = lavida_jax.load_pretrained(folder)
+  assert "mm_vision_tower folder" in caplog.text and "tiny-siglip-27x27" in caplog.text
+  assert model.cfg.vision == ref.cfg.vision
+  pixels = np.random.default_rng(0).integers(0, 256, (480, 640, 3), dtype=np.uint8)
+  views, size = image_lib.process_anyres(Image.fromarray(pixels), model.cfg.image)
+  ids = np.array([[1, 2, -200, 3, 4]])
+  grid = image_lib.grid_shape(size, model.cfg.image)
+  assert_close(np.asarray(model.logits(ids, [(views, size)]))[0],
+               ref.multimodal_logits(ids[0], [(views, size, grid)]), rel=1e-5)
+
+
+@pytest.mark.parametrize("where", ["absolute", "inside", "cwd", "nested"])
+def test_vision_tower_folder_is_found(reference_checkpoint, tmp_path, monkeypatch, where):
+  ref, _ = reference_checkpoint("lavida-llada")
+  ckpt = tmp_path / "ckpt"
+  ckpt.mkdir()
+  if where == "absolute":
+    tower = _base_tower(tmp_path / "elsewhere" / "t", ref.cfg, heads=4)
+  elif where == "inside":
+    _base_tower(ckpt / "vision", ref.cfg, heads=4)
+    tower = "vision"
+  elif where == "cwd":
+    _base_tower(tmp_path / "work" / "towers" / "t", ref.cfg, heads=4)
+    monkeypatch.chdir(tmp_path / "work")
+    tower = "towers/t"
+  else:  # SiglipConfig's nesting, beside the checkpoint
+    _base_tower(tmp_path / "t", ref.cfg, nested=True, heads=4)
+    tower = "t"
+  vision, source = hf.resolve_vision({"mm_vision_tower": tower}, str(ckpt))
+  assert "mm_vision_tower folder" in source
+  assert vision.depth == ref.cfg.vision.depth and vision.num_heads == 4  # heads from config
+
+
+def _hub_cache(home, repo_id, files: dict, revision="0123456789abcdef0123456789abcdef01234567"):
+  """A Hugging Face cache as huggingface_hub lays it out: models--org--name/
+  {refs/main, snapshots/<commit>/...}."""
+  repo = home / "hub" / ("models--" + repo_id.replace("/", "--"))
+  (repo / "refs").mkdir(parents=True)
+  (repo / "refs" / "main").write_text(revision)
+  snap = repo / "snapshots" / revision
+  snap.mkdir(parents=True)
+  for name, src in files.items():
+    if isinstance(src, str) and os.path.isfile(src):
+      shutil.copy(src, snap / name)
+    else:
+      (snap / name).write_text(src)
+  return snap
+
+
+def test_vision_tower_from_the_hub_cache(reference_checkpoint, tmp_path, monkeypatch):
+  ref, _ = reference_checkpoint("lavida-llada")
+  base = _base_tower(tmp_path / "base", ref.cfg, heads=4)
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+  _hub_cache(tmp_path / "hf", "someone/tiny-siglip", {"config.json": base + "/config.json"})
+  vision, source = hf.resolve_vision({"mm_vision_tower": "someone/tiny-siglip"},
+                                     str(tmp_path / "ckpt"))
+  assert "Hugging Face cache" in source
+  assert vision.depth == ref.cfg.vision.depth and vision.num_heads == 4
+
+
+@pytest.mark.parametrize("tower", ["google/siglip-so400m-patch14-384",
+                                   "google/siglip2-so400m-patch14-384"])
+def test_vision_tower_of_released_models_is_built_in(tmp_path, monkeypatch, tower):
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  vision, source = hf.resolve_vision({"mm_vision_tower": tower}, str(tmp_path))
+  assert "built-in" in source
+  assert (vision.depth, vision.width, vision.num_heads, vision.mlp_dim) == (26, 1152, 16, 4304)
+
+
+def test_unknown_vision_tower_is_one_line_error(reference_checkpoint, tmp_path, monkeypatch):
+  ref, _ = reference_checkpoint("lavida-llada")
+  monkeypatch.setenv("HF_HOME", str(tmp_path / "empty"))
+  monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+  folder = _lavida_layout(ref, tmp_path / "ckpt", "tiny-siglip-nowhere")
+  with pytest.raises(CheckpointError) as e:
+    lavida_jax.load_pretrained(folder)
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert "mm_vision_tower 'tiny-siglip-nowhere'" in msg
+  for way in ("beside the checkpoint", "huggingface-cli download", "vision_config"):
+    assert way in msg
+
+
+def test_vision_depth_mismatch_is_named(reference_checkpoint, tmp_path):
+  """A base tower whose depth minus one is not the checkpoint's layer count."""
+  from transformers import SiglipVisionConfig
+  ref, _ = reference_checkpoint("lavida-llada")
+  v = ref.cfg.vision
+  (tmp_path / "t").mkdir()
+  SiglipVisionConfig(hidden_size=v.width, intermediate_size=v.mlp_dim,
+                     num_hidden_layers=v.depth, num_attention_heads=v.num_heads,
+                     image_size=v.image_size, patch_size=v.patch_size).save_pretrained(
+                         str(tmp_path / "t"))
+  folder = _lavida_layout(ref, tmp_path / "ckpt", "t")
+  with pytest.raises(CheckpointError,
+                     match=rf"has {v.depth} vision encoder layers .* gives {v.depth - 1}"):
+    lavida_jax.load_pretrained(folder)

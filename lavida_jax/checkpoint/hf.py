@@ -16,10 +16,12 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from lavida_jax import image as image_lib
 from lavida_jax import sharding as sharding_lib
+from lavida_jax.checkpoint import hub
 from lavida_jax.checkpoint.shards import Checkpoint, CheckpointError
 from lavida_jax.models import connector
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
@@ -143,6 +145,96 @@ def parse_pinpoints(value, size: int) -> tuple[tuple[int, int], ...]:
   return tuple((int(w), int(h)) for w, h in value)
 
 
+# --- the vision tower's geometry (SPEC §13) ---------------------------------------------
+
+# The base towers the released models name (their config.json; LaViDa deletes the last
+# of these layers): LaViDa's SigLIP and LLaDA-V's SigLIP2, the same module shape.
+_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
+               num_attention_heads=16, image_size=384, patch_size=14, layer_norm_eps=1e-6)
+KNOWN_TOWERS = {"google/siglip-so400m-patch14-384": _SO400M,
+                "google/siglip2-so400m-patch14-384": _SO400M}
+_VISION_LAYER = re.compile(re.escape(_SIGLIP) + r"encoder\.layers\.(\d+)\.")
+
+
+def _siglip_config(vc: dict, minus: int, source: str) -> SiglipConfig:
+  try:
+    return SiglipConfig(
+        image_size=int(vc["image_size"]), patch_size=int(vc["patch_size"]),
+        width=int(vc["hidden_size"]), depth=int(vc["num_hidden_layers"]) - minus,
+        mlp_dim=int(vc["intermediate_size"]), num_heads=int(vc["num_attention_heads"]),
+        eps=float(vc.get("layer_norm_eps", 1e-6)))
+  except KeyError as e:
+    raise CheckpointError(f"{source} lacks vision field {e.args[0]!r}") from None
+
+
+def _tower_folders(tower: str, folder: str | None) -> list[str]:
+  """Where a local `mm_vision_tower` may lie, in order: absolute; beside the
+  checkpoint folder (as LaViDa's training output and a downloaded pair of repos lie;
+  also under the id's last part); inside it; relative to the working directory."""
+  if os.path.isabs(tower):
+    return [tower]
+  found = []
+  if folder is not None and os.path.isdir(folder):
+    parent = os.path.dirname(os.path.abspath(folder))
+    found += [os.path.join(parent, tower), os.path.join(parent, os.path.basename(tower)),
+              os.path.join(folder, tower)]
+  return found + [os.path.abspath(tower)]
+
+
+def resolve_vision(raw: dict, folder: str | None = None) -> tuple[SiglipConfig, str]:
+  """(SiglipConfig, where its sizes came from), as LaViDa builds its tower.
+
+  In order: `vision_config` in config.json (our exports: the kept layers); the
+  base SigLIP named by `mm_vision_tower` as a local folder holding its config.json
+  (flat, or nested under `vision_config` as SiglipConfig writes it), minus the last
+  layer; the same from the local Hugging Face cache (never downloads); the built-in
+  sizes of the towers the released models name; else an error naming the ways to
+  supply it. Heads are not visible in tensor shapes, so they must come from one of
+  these, never from a guess.
+  """
+  if raw.get("vision_config"):
+    return _siglip_config(raw["vision_config"], 0, "config.json vision_config"), (
+        "vision_config in config.json")
+  tower = raw.get("mm_vision_tower") or raw.get("vision_tower")
+  where = folder or "checkpoint"
+  if not tower:
+    raise CheckpointError(f"{where}: config.json has neither vision_config nor "
+                          "mm_vision_tower; add one of them (the base SigLIP's id or folder)")
+  for path in _tower_folders(tower, folder):
+    config_path = os.path.join(path, "config.json")
+    if os.path.isfile(config_path):
+      with open(config_path) as f:
+        base = json.load(f)
+      return _siglip_config(base.get("vision_config") or base, 1, config_path), (
+          f"mm_vision_tower folder {path} (its config.json, minus the last layer)")
+  cached = hub.cached_file(tower, "config.json")
+  if cached is not None:
+    with open(cached) as f:
+      base = json.load(f)
+    return _siglip_config(base.get("vision_config") or base, 1, cached), (
+        f"mm_vision_tower {tower} in the Hugging Face cache ({cached}, minus the last layer)")
+  if tower in KNOWN_TOWERS:
+    return _siglip_config(KNOWN_TOWERS[tower], 1, tower), (
+        f"built-in sizes of {tower} (minus the last layer)")
+  raise CheckpointError(
+      f"{where}: cannot size the vision tower: config.json's mm_vision_tower {tower!r} is not "
+      "a local folder with a config.json (absolute, beside or inside the checkpoint, or "
+      "relative to the working directory), not in the Hugging Face cache "
+      f"({hub.cache_dir()}), and not a known tower ({', '.join(KNOWN_TOWERS)}); put the "
+      "base SigLIP folder beside the checkpoint, download it into the cache "
+      f"(huggingface-cli download {tower} config.json), or add a vision_config to config.json")
+
+
+def check_vision_depth(vision: SiglipConfig, source: str, ckpt: Checkpoint, where: str):
+  """The tower's layer count (from a config) against the checkpoint's encoder.layers.N."""
+  found = {int(m.group(1)) for k in ckpt.keys() if (m := _VISION_LAYER.match(k))}
+  depth = max(found) + 1 if found else 0
+  if depth != vision.depth:
+    raise CheckpointError(
+        f"{where}: the checkpoint has {depth} vision encoder layers "
+        f"({_SIGLIP}encoder.layers.N), but {source} gives {vision.depth}")
+
+
 def config_from_hf(raw: dict, ckpt: Checkpoint | None = None, where: str = "checkpoint",
                    **overrides) -> LaViDaConfig:
   family = detect_family(raw)
@@ -172,12 +264,10 @@ def config_from_hf(raw: dict, ckpt: Checkpoint | None = None, where: str = "chec
     if embed_key in ckpt and ckpt.shape(embed_key)[0] != lm.vocab_size:
       lm = dataclasses.replace(lm, embed_vocab_size=ckpt.shape(embed_key)[0])
 
-  vc = raw.get("vision_config") or {}
-  vision = SiglipConfig(
-      image_size=vc.get("image_size", 384), patch_size=vc.get("patch_size", 14),
-      width=vc.get("hidden_size", raw.get("mm_hidden_size", 1152)),
-      depth=vc.get("num_hidden_layers", 26), mlp_dim=vc.get("intermediate_size", 4304),
-      num_heads=vc.get("num_attention_heads", 16), eps=vc.get("layer_norm_eps", 1e-6))
+  vision, source = resolve_vision(raw, where if os.path.isdir(where) else None)
+  logging.info("%s: vision tower geometry from %s", where, source)
+  if ckpt is not None:
+    check_vision_depth(vision, source, ckpt, where)
   if raw.get("mm_projector_type", "mlp2x_gelu") != "mlp2x_gelu":
     raise CheckpointError(f"{where}: mm_projector_type {raw['mm_projector_type']!r} is not "
                           "supported; expected 'mlp2x_gelu'")
