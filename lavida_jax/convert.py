@@ -33,6 +33,7 @@ import numpy as np
 
 from lavida_jax.checkpoint import export
 from lavida_jax.checkpoint import hf
+from lavida_jax.checkpoint import hub
 from lavida_jax.checkpoint import orbax as orbax_lib
 from lavida_jax.checkpoint.shards import Checkpoint, CheckpointError
 
@@ -242,8 +243,10 @@ def _parser() -> argparse.ArgumentParser:
                      description="Orbax folder or training checkpoint (only its params item "
                                  "is read) -> Hugging Face folder (safetensors shards, "
                                  "index, config.json, tokenizer files).")
+  a.add_argument("--src", required=True,
+                 help="source folder, or a hub id (org/name, through the HF cache)")
+  b.add_argument("--src", required=True, help="source folder")
   for s in (a, b):
-    s.add_argument("--src", required=True, help="source folder")
     s.add_argument("--dst", required=True, help="destination folder (created)")
     s.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="cast every parameter (default: keep each tensor's dtype)")
@@ -259,7 +262,7 @@ def main(argv=None) -> int:
   start = time.time()
   try:
     if args.command == "hf-to-orbax":
-      info = hf_to_orbax(args.src, args.dst, args.dtype, args.overwrite)
+      info = hf_to_orbax(hub.resolve(args.src), args.dst, args.dtype, args.overwrite)
     else:
       info = orbax_to_hf(args.src, args.dst, args.dtype, args.overwrite, args.max_shard_bytes)
   except (CheckpointError, OSError) as e:

@@ -164,9 +164,10 @@ def main(argv):
 
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
-  model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
-  tokenizer = generate.load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
-  system_prompt = generate.system_prompt_for(FLAGS.checkpoint)
+  checkpoint = generate.resolve_checkpoint(FLAGS.checkpoint)
+  model = lavida_jax.load_pretrained(checkpoint, dtype=FLAGS.dtype)
+  tokenizer = generate.load_tokenizer_for(checkpoint, FLAGS.tokenizer)
+  system_prompt = generate.system_prompt_for(checkpoint)
   pairs = qa_pairs(read_records(FLAGS.data), FLAGS.image_folder)[:FLAGS.num_examples or None]
   report = {}
   fixed = FLAGS.decoder == "fixed"  # an NFE sweep; the adaptive decoders pick their steps
@@ -183,7 +184,8 @@ def main(argv):
 
 def _flags():
   from absl import flags
-  flags.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint.", required=True)
+  flags.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint, or a hub id "
+                      "(org/name).", required=True)
   flags.DEFINE_enum("task", "vqa", list(TASKS), "What to score.")
   flags.DEFINE_string("data", None, "Records (JSON/JSONL).", required=True)
   flags.DEFINE_string("image_folder", None, "Root of relative image paths.")

@@ -198,8 +198,8 @@ def _dual_refresh(canvas, start, lm_state, cache, first, *, lm_graphdef, shifted
   canvas's K/V -> (block logits, cache of prompt + canvas keys)."""
   lm = nnx.merge(lm_graphdef, lm_state)
   h, (k, v) = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, collect_kv=True)
-  dual = KVCache(jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=2),
-                 jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=2),
+  dual = KVCache(jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=3),
+                 jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=3),
                  jnp.concatenate([cache.valid, jnp.ones(canvas.shape, bool)], axis=1),
                  cache.length)
   return _from_canvas_hidden(lm, h, start, first, lb, shifted), dual
@@ -326,6 +326,17 @@ def find_beside(checkpoint: str, name: str) -> str | None:
   return None
 
 
+def resolve_checkpoint(checkpoint: str) -> str:
+  """A local folder for --checkpoint: a folder as given, a hub id ('org/name') through
+  the Hugging Face cache (checkpoint/hub.py); a one-line exit if it cannot be had."""
+  from lavida_jax.checkpoint import hub
+  from lavida_jax.checkpoint.shards import CheckpointError
+  try:
+    return hub.resolve(checkpoint)
+  except CheckpointError as e:
+    raise SystemExit(f"error: {e}") from None
+
+
 def load_tokenizer_for(checkpoint: str, override: str | None = None):
   if override:
     return text_lib.load_tokenizer(override)
@@ -387,7 +398,8 @@ def decoding_from_flags(FLAGS, mask_id: int, steps: int | None = None):
 def _flags():
   from absl import flags
   f = flags
-  f.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint folder.", required=True)
+  f.DEFINE_string("checkpoint", None, "Hugging Face or Orbax checkpoint folder, or a hub id "
+                  "(org/name, through the HF cache; HF_HUB_OFFLINE honoured).", required=True)
   f.DEFINE_string("image", None, "Image file (one request).")
   f.DEFINE_string("prompt", None, "The question (one request).")
   f.DEFINE_string("requests", None, "JSONL of {\"prompt\", \"image\"?, \"draft\"?} (batch mode).")
@@ -411,9 +423,10 @@ def main(argv):
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   if (FLAGS.requests is None) == (FLAGS.prompt is None):
     raise SystemExit("give either --prompt (with --image) or --requests")
-  model = lavida_jax.load_pretrained(FLAGS.checkpoint, dtype=FLAGS.dtype)
-  tokenizer = load_tokenizer_for(FLAGS.checkpoint, FLAGS.tokenizer)
-  system_prompt = system_prompt_for(FLAGS.checkpoint)
+  checkpoint = resolve_checkpoint(FLAGS.checkpoint)
+  model = lavida_jax.load_pretrained(checkpoint, dtype=FLAGS.dtype)
+  tokenizer = load_tokenizer_for(checkpoint, FLAGS.tokenizer)
+  system_prompt = system_prompt_for(checkpoint)
   try:
     cfg, cache = decoding_from_flags(FLAGS, model.cfg.lm.mask_id)
   except ValueError as e:
