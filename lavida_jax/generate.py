@@ -63,7 +63,13 @@ def template_for(model: LaViDa) -> str:
 
 
 def prompt_ids(model: LaViDa, tokenizer, req: Request, system_prompt=text_lib.SYSTEM_PROMPT):
-  """-> (token ids with -200 at the image, [(pixel_values, image_size)])."""
+  """-> (token ids with -200 at the image, [(pixel_values, image_size)]).
+
+  With `model.cfg.reference_compat` the ids are LaViDa's inference ids: LLaVA's
+  `tokenizer_image_token` drops the token after each `<image>` (the "\n" of
+  `<image>\n{question}`) in LLaDA prompts (SPEC §13); the default keeps it, as
+  training does.
+  """
   images, question = [], req.prompt
   if req.image is not None:
     pil = req.image if hasattr(req.image, "size") else image_lib.load_image(req.image)
@@ -72,7 +78,9 @@ def prompt_ids(model: LaViDa, tokenizer, req: Request, system_prompt=text_lib.SY
       question = f"{text_lib.IMAGE_TOKEN}\n{question}"
   fmt = text_lib.TEMPLATES[template_for(model)]
   prompt = fmt([{"role": "user", "content": question}], system_prompt=system_prompt)
-  ids = text_lib.tokenize_prompt(prompt, tokenizer)
+  compat = model.cfg.reference_compat
+  bos = tokenizer.token_to_id("<|startoftext|>") if template_for(model) == "llada" else None
+  ids = text_lib.tokenize_prompt(prompt, tokenizer, reference_compat=compat, bos_id=bos)
   if sum(i == IMAGE_TOKEN_ID for i in ids) != len(images):
     raise ValueError(f"the prompt has {sum(i == IMAGE_TOKEN_ID for i in ids)} <image> "
                      f"marker(s) but {len(images)} image(s) were given")
@@ -244,6 +252,11 @@ class Generator:
   cache: "none" (Full-DLM: prompt + canvas every step), "prefix" (Prefix-DLM,
   SPEC §7.3) or "dual" (prefix cache + the canvas's keys refreshed at each block
   start, SPEC §14). A bool means "prefix" (True) or "none" (False).
+
+  With `model.cfg.reference_compat` the Generator reproduces LaViDa's inference:
+  its prompt ids (`prompt_ids`) and, with the fixed decoder, its sampler's argmax
+  and confidence softmax over the whole vocabulary, mask id included
+  (`SamplerConfig.forbid_mask=False`). The default forbids the mask id.
   """
 
   def __init__(self, model: LaViDa, tokenizer, cfg: sampler_lib.SamplerConfig,
@@ -254,6 +267,8 @@ class Generator:
     self.model, self.tokenizer, self.cache = model, tokenizer, cache
     if cfg.decoder != "fixed" and not cfg.stop_ids:
       cfg = dataclasses.replace(cfg, stop_ids=tuple(self.stop_ids()))
+    if model.cfg.reference_compat and cfg.decoder == "fixed":
+      cfg = dataclasses.replace(cfg, forbid_mask=False)
     self.cfg, self.system_prompt = cfg, system_prompt
     self.lm_graphdef, self.lm_state = nnx.split(model.lm)
     self.graphdef, self.state = nnx.split(model)

@@ -23,8 +23,9 @@ step 5's choice of positions):
   1. logits = denoise_fn(canvas) [B, L, V], cast to float32; only block `blk`
      (positions blk·Lb .. (blk+1)·Lb − 1) is used from here on, since every
      other position has confidence −∞ and is never committed;
-  2. `forbid_ids` and `mask_id` get logit −∞ (never sampled; the softmax of
-     step 4 is taken over the remaining ids, like LLaDA's `logits_eos_inf`);
+  2. `forbid_ids` and `mask_id` (unless `forbid_mask=False`) get logit −∞
+     (never sampled; the softmax of step 4 is taken over the remaining ids,
+     like LLaDA's `logits_eos_inf`);
   3. x0 = argmax(logits) at temperature 0, else the Gumbel-max sample
      argmax(logits / T + g), g ~ Gumbel(0, 1) in float32 (LLaDA draws the
      same distribution in float64 as exp(logits) / (−log u)^T; the argmax is
@@ -39,9 +40,13 @@ step 5's choice of positions):
      also "commit" −∞ positions). Non-mask tokens (drafts, committed tokens)
      never change.
 
-Deviation from LLaDA: `mask_id` is always forbidden, so a committed position
+Deviation from LLaDA (default): `mask_id` is forbidden, so a committed position
 never stays a mask (a trained model gives it negligible probability; with
-LLaDA's code a predicted mask would be silently left masked).
+LLaDA's code a predicted mask would be silently left masked) and confidences
+are softmaxes over the other ids. `forbid_mask=False` is LaViDa's behaviour
+(argmax and softmax over the whole vocabulary, mask id included), what the
+Generator uses under `reference_compat`; the two differ only where the mask
+logit is not negligible.
 
 Forward passes: a step where every row has k = 0 skips `denoise_fn` (a
 `lax.cond` inside the scan; LaViDa skips the same steps). Under `jax.vmap`
@@ -87,7 +92,10 @@ class SamplerConfig:
   number of blocks). schedule, alpha: `schedule.transfer_counts`.
   temperature: 0 for argmax, > 0 for Gumbel-max sampling. confidence: one of
   CONFIDENCES. mask_id: the mask token. forbid_ids: ids never sampled at mask
-  positions (EOS, BOS, header ids, ...).
+  positions (EOS, BOS, header ids, ...). forbid_mask: the mask id is never
+  sampled and left out of the confidence softmax (default); False includes
+  it as LaViDa does (fixed decoder only: an adaptive decoder could then loop
+  on a position that keeps predicting the mask).
   decoder (SPEC §14): "fixed" commits the schedule's counts (steps, schedule,
   alpha); "threshold" commits every mask of the block whose confidence is
   >= threshold (at least the most confident one); "factor" commits the top n,
@@ -109,6 +117,7 @@ class SamplerConfig:
   threshold: float = 0.9
   factor: float = 1.0
   stop_ids: tuple[int, ...] = ()
+  forbid_mask: bool = True
 
   def __post_init__(self):
     if self.decoder not in DECODERS:
@@ -117,6 +126,8 @@ class SamplerConfig:
     if self.decoder != "fixed" and self.confidence not in ("low_confidence", "margin"):
       raise ValueError(f"the {self.decoder} decoder compares probabilities; confidence "
                        f"must be low_confidence or margin, got {self.confidence!r}")
+    if not self.forbid_mask and self.decoder != "fixed":
+      raise ValueError(f"forbid_mask=False needs the fixed decoder, got {self.decoder!r}")
     if not 0 < self.threshold <= 1:
       raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
     if not (math.isfinite(self.factor) and self.factor > 0):
@@ -263,7 +274,8 @@ def _forbid(logits_BLV: jax.Array, cfg: SamplerConfig) -> jax.Array:
   if bad:
     raise ValueError(f"forbid_ids {bad} are outside the vocabulary of {v} "
                      "logits")
-  ids = sorted(set(cfg.forbid_ids) | ({cfg.mask_id} if cfg.mask_id < v else set()))
+  mask = {cfg.mask_id} if cfg.forbid_mask and cfg.mask_id < v else set()
+  ids = sorted(set(cfg.forbid_ids) | mask)
   if not ids:
     return logits_BLV
   return logits_BLV.at[..., np.asarray(ids)].set(-jnp.inf)
