@@ -33,6 +33,7 @@ from lavida_jax import text as text_lib
 from lavida_jax.data import packing
 from lavida_jax.diffusion import sampler as sampler_lib
 from lavida_jax.diffusion import schedule as schedule_lib
+from lavida_jax.models import layers
 from lavida_jax.models.lavida import IMAGE_TOKEN_ID, LaViDa
 from lavida_jax.models.lm import KVCache
 
@@ -140,13 +141,15 @@ def _embed(state, ids, pixels, image_index, image_weight, *, graphdef):
   return model.embed_packed(ids, pixels, image_index, image_weight)
 
 
+_embed_jit = jax.jit(_embed, static_argnames="graphdef")  # graphdefs hash: compiled once
+
+
 def embed_prompts(model: LaViDa, prompts, length: int):
   """[(ids, images)] -> left-padded x [B, length, D], valid [B, length]."""
   packed = pack_prompts(model, prompts, length)
   graphdef, state = nnx.split(model)
   valid = packed.pop("valid")
-  x = jax.jit(functools.partial(_embed, graphdef=graphdef))(state, **packed)
-  return x, jnp.asarray(valid)
+  return _embed_jit(state, **packed, graphdef=graphdef), jnp.asarray(valid)
 
 
 def _prepare(state, ids, pixels, image_index, image_weight, valid, *, graphdef, cache):
@@ -257,11 +260,18 @@ class Generator:
   its prompt ids (`prompt_ids`) and, with the fixed decoder, its sampler's argmax
   and confidence softmax over the whole vocabulary, mask id included
   (`SamplerConfig.forbid_mask=False`). The default forbids the mask id.
+
+  unroll_layers (default: on the CPU): run the LM's and the vision tower's layers
+  unrolled on per-layer copies of their weights (`layers.unstack_layers`; the
+  model itself is not changed). A scan over stacked layers slices each layer's
+  weights out of the stack, which XLA:CPU copies on every pass (a quarter of a
+  d512 cached step). It costs a second copy of those weights.
   """
 
   def __init__(self, model: LaViDa, tokenizer, cfg: sampler_lib.SamplerConfig,
                cache: str | bool = "prefix",
-               system_prompt: str | None = text_lib.SYSTEM_PROMPT):
+               system_prompt: str | None = text_lib.SYSTEM_PROMPT,
+               unroll_layers: bool | None = None):
     if isinstance(cache, bool):
       cache = "prefix" if cache else "none"
     self.model, self.tokenizer, self.cache = model, tokenizer, cache
@@ -270,8 +280,14 @@ class Generator:
     if model.cfg.reference_compat and cfg.decoder == "fixed":
       cfg = dataclasses.replace(cfg, forbid_mask=False)
     self.cfg, self.system_prompt = cfg, system_prompt
-    self.lm_graphdef, self.lm_state = nnx.split(model.lm)
-    self.graphdef, self.state = nnx.split(model)
+    if unroll_layers is None:
+      unroll_layers = jax.default_backend() == "cpu"
+    run = nnx.merge(*nnx.split(model))  # new modules over the same arrays
+    if unroll_layers:
+      run.lm.blocks = layers.unstack_layers(run.lm.blocks)
+      run.vision.blocks = layers.unstack_layers(run.vision.blocks)
+    self.lm_graphdef, self.lm_state = nnx.split(run.lm)
+    self.graphdef, self.state = nnx.split(run)
     self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,
                                               cache=cache != "none"))
     den = denoiser(cache, self.lm_graphdef, model.cfg.lm.shifted_logits, cfg.block_length)

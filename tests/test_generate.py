@@ -34,10 +34,10 @@ def test_denoisers_match_the_model_forward(loaded, tiny_tokenizer, family):
   refresh == Prefix-DLM, and so is its cached step while the canvas is unchanged.
   Rows sit in different blocks (start 0 and 4)."""
   _, model = loaded(family)
-  graphdef, state = nnx.split(model.lm)
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model))  # (layers unrolled on CPU)
+  graphdef, state = gen.lm_graphdef, gen.lm_state
   shifted = model.cfg.lm.shifted_logits
   den = {m: generate.denoiser(m, graphdef, shifted, 4) for m in generate.CACHES}
-  gen = generate.Generator(model, tiny_tokenizer, _cfg(model))
   prompts = [generate.prompt_ids(model, tiny_tokenizer, r) for r in REQS[:2]]
   x, valid = generate.embed_prompts(model, prompts, 1024)
   canvas = jnp.asarray([[1, 2, 255, 255, 3, 255, 255, 255], [255] * 8], jnp.int32)
@@ -72,9 +72,9 @@ def test_dual_cache_step_reads_stale_keys_outside_its_block(loaded, tiny_tokeniz
   the stale keys outside its block: with one block spanning the canvas it is exact,
   with two blocks it is not (and refreshing makes it exact again)."""
   _, model = loaded(family)
-  graphdef, state = nnx.split(model.lm)
-  shifted = model.cfg.lm.shifted_logits
   gen = generate.Generator(model, tiny_tokenizer, _cfg(model))
+  graphdef, state = gen.lm_graphdef, gen.lm_state
+  shifted = model.cfg.lm.shifted_logits
   x, valid = generate.embed_prompts(
       model, [generate.prompt_ids(model, tiny_tokenizer, REQS[0])], 1024)
   cache, first = gen._prefill(state, x, valid)
@@ -106,6 +106,10 @@ def test_batch_of_one_equals_padded_batch_of_four(loaded, tiny_tokenizer, family
   _, model = loaded(family)
   gen = generate.Generator(model, tiny_tokenizer, _cfg(model), cache=cache)
   alone = gen(REQS[:1])[0]
+  # the scanned layers (the default off the CPU) give the same tokens
+  scanned = generate.Generator(model, tiny_tokenizer, _cfg(model), cache=cache,
+                               unroll_layers=False)
+  assert scanned(REQS[:1])[0].ids == alone.ids
   batch = gen(REQS)
   assert batch[0].ids == alone.ids
   assert alone.nfe == 4 + int(cache != "none")

@@ -38,7 +38,7 @@ def test_unstacked_lm_equals_scanned(cfg):
 
   x = a.embed_tokens(ids)
   (ca, ha), (cb, hb) = a.prefill(x, valid), b.prefill(x, valid)
-  assert cb.k.shape == ca.k.shape == (cfg.n_layers, 2, 11, cfg.n_kv_heads, cfg.head_dim)
+  assert cb.k.shape == ca.k.shape == (cfg.n_layers, 2, cfg.n_kv_heads, 11, cfg.head_dim)
   for got, want in ((cb.k, ca.k), (cb.v, ca.v), (hb, ha)):
     assert_close(got, want)
 

@@ -148,28 +148,30 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
 
 
-def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BPKH, cv_BPKH, cache_valid_BP=None):
+def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKPH, cache_valid_BP=None):
   """Attention of T queries over P cached keys and their own T keys (decoding).
 
   The softmax over [cache, own] is combined from two partial ones (shared max,
   summed normalisers), so the cache is read in place: concatenating it with the
   new keys would copy every layer's cache on every denoising step. GQA when
-  K < N; scale 1/sqrt(H). cache_valid_BP: bool, True where a cached key may be
-  attended (prompt padding and, for the dual cache, the recomputed window are
-  False); None: all. Always XLA's einsums: T is small (a canvas or a block).
+  K < N; scale 1/sqrt(H). The cache is heads-major, [B, K, P, H], the layout the
+  contractions read in place (token-major, XLA:CPU transposed the whole cache on
+  every step: 15% of a d512 step). cache_valid_BP: bool, True where a cached key
+  may be attended (prompt padding and, for the dual cache, the recomputed window
+  are False); None: all. Always XLA's einsums: T is small (a canvas or a block).
   """
   b, t, n, h = q_BTNH.shape
   kh = k_BTKH.shape[2]
   q = (q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype)).reshape(b, t, kh, n // kh, h)
-  ck, cv = ck_BPKH.astype(q.dtype), cv_BPKH.astype(q.dtype)
-  s_cache = jnp.einsum("btkgh,bpkh->bkgtp", q, ck, preferred_element_type=jnp.float32)
+  ck, cv = ck_BKPH.astype(q.dtype), cv_BKPH.astype(q.dtype)
+  s_cache = jnp.einsum("btkgh,bkph->bkgtp", q, ck, preferred_element_type=jnp.float32)
   s_own = jnp.einsum("btkgh,bskh->bkgts", q, k_BTKH, preferred_element_type=jnp.float32)
   if cache_valid_BP is not None:
     s_cache = jnp.where(cache_valid_BP[:, None, None, None, :], s_cache, -jnp.inf)
   m = jnp.maximum(s_cache.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
   p_cache, p_own = jnp.exp(s_cache - m), jnp.exp(s_own - m)
   denom = p_cache.sum(-1) + p_own.sum(-1)  # [B, K, G, T]
-  out = (jnp.einsum("bkgtp,bpkh->btkgh", p_cache.astype(cv.dtype), cv,
+  out = (jnp.einsum("bkgtp,bkph->btkgh", p_cache.astype(cv.dtype), cv,
                     preferred_element_type=jnp.float32)
          + jnp.einsum("bkgts,bskh->btkgh", p_own.astype(v_BTKH.dtype), v_BTKH,
                       preferred_element_type=jnp.float32))
@@ -294,7 +296,7 @@ class Attention(nnx.Module):
 
     mask: None, key padding [B, S] or [B, T, S] (`dot_product_attention`); with
       prefix_kv, the cached keys' validity [B, P] (own keys are always visible).
-    prefix_kv: cached (k, v) [B, P, K, H] of other positions (`cached_attention`).
+    prefix_kv: cached (k, v) [B, K, P, H] of other positions (`cached_attention`).
     """
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     q = constrain(q, ("batch", "length", self.head_axes[0], None))

@@ -95,8 +95,9 @@ class Block(nnx.Module):
 class KVCache(NamedTuple):
   """Cached keys/values of every layer (post-RoPE) for decoding (SPEC §7.3, §14).
 
-  k, v: [layers, B, S, K, H]: the prompt's S = P positions (Prefix-DLM), or the
-  prompt's followed by the canvas's (the dual cache, S = P + L); valid: [B, S]
+  k, v: [layers, B, K, S, H] (heads-major: what `layers.cached_attention` reads
+  in place): the prompt's S = P positions (Prefix-DLM), or the prompt's
+  followed by the canvas's (the dual cache, S = P + L); valid: [B, S]
   keys that may be attended (not padding); length: [B] real prompt tokens (the
   canvas starts at this position).
   """
@@ -104,6 +105,11 @@ class KVCache(NamedTuple):
   v: jax.Array
   valid: jax.Array
   length: jax.Array
+
+
+def heads_major(kv):
+  """Per-layer (k, v) [layers, B, T, K, H] -> [layers, B, K, T, H] (once per cache fill)."""
+  return tuple(a.transpose(0, 1, 3, 2, 4) for a in kv)
 
 
 class DiffusionLM(nnx.Module):
@@ -145,8 +151,8 @@ class DiffusionLM(nnx.Module):
     valid = jnp.ones((b, p), bool) if valid_BP is None else valid_BP
     # Real tokens take positions 0..n-1 even when the bucket pads the prefix.
     positions = jnp.cumsum(valid, axis=1) - 1
-    h, (k, v) = self._blocks(x_BPD, positions, valid, collect_kv=True)
-    return KVCache(k, v, valid, valid.sum(axis=1)), self.final_norm(h)
+    h, kv = self._blocks(x_BPD, positions, valid, collect_kv=True)
+    return KVCache(*heads_major(kv), valid, valid.sum(axis=1)), self.final_norm(h)
 
   def hidden_with_cache(self, x_BTD, cache: KVCache, start_B=None, collect_kv=False):
     """Canvas embeddings -> hidden [B, T, D], attending to the cache and to themselves.
@@ -156,14 +162,14 @@ class DiffusionLM(nnx.Module):
     key where `cache.valid` and every one of their own keys; the cache is read,
     never updated. Prefix-DLM passes the whole canvas over the prefix cache; the
     dual cache (SPEC §14) passes a block over prefix + canvas keys, its own
-    window marked invalid. collect_kv: also return their K/V [layers, B, T, K, H].
+    window marked invalid. collect_kv: also return their K/V [layers, B, K, T, H].
     """
     b, t, _ = x_BTD.shape
     start = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
     positions = (cache.length + start)[:, None] + jnp.arange(t)[None, :]
     h, kv = self._blocks(x_BTD, positions, cache.valid, collect_kv,
                          prefix_kv=(cache.k, cache.v))
-    return (self.final_norm(h), kv) if collect_kv else self.final_norm(h)
+    return (self.final_norm(h), heads_major(kv)) if collect_kv else self.final_norm(h)
 
   def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None):
     """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`);
