@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import statistics
 import time
@@ -28,7 +29,6 @@ from PIL import Image
 
 from lavida_jax import generate, text
 from lavida_jax.diffusion.sampler import SamplerConfig, transfer_schedule
-from lavida_jax.models import layers
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}  # datasheet
@@ -53,8 +53,8 @@ def main():
   ap.add_argument("--gpu", default="H200", choices=sorted(HBM_BYTES_PER_S))
   ap.add_argument("--json", default=None)
   ap.add_argument("--quick", action="store_true", help="L=32, batch 1 only")
-  ap.add_argument("--unstack", action="store_true",
-                  help="run the LM's layers unrolled on per-layer arrays (layers.unstack_layers)")
+  ap.add_argument("--unroll", default="off", choices=("off", "on", "both"),
+                  help="Generator(unroll_layers=...): layers unrolled on per-layer weights")
   ap.add_argument("--only", default="", help="comma list of L=...:B=... to run, e.g. 32:1,256:8")
   ap.add_argument("--size", default="full", choices=("full", "tiny"),
                   help="tiny: a smoke test of this script on the CPU")
@@ -67,8 +67,6 @@ def main():
         cfg.lm, vocab_size=126464, mask_id=126336, eos_id=126081))
   model = nnx.jit(lambda: LaViDa(cfg, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16,
                                  dtype=jnp.bfloat16))()
-  if args.unstack:
-    model.lm.blocks = layers.unstack_layers(model.lm.blocks)
   lm_params = nnx.state(model.lm, nnx.Param)
   lm_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(lm_params))
   # the input embedding is gathered (a few rows), not read whole, by a step
@@ -87,72 +85,73 @@ def main():
   batches = (1, 8)
   if args.quick:
     settings, batches = settings[:1], (1,)
-  for L, lb, steps in settings:
-    for batch in batches:
-      for cache in ("none", "prefix", "dual"):
-        if cache == "none" and L == 256 and batch == 8:
-          continue  # 8 x ~1,400 tokens x 64 steps: minutes, and no news
-        if args.only and f"{L}:{batch}" not in args.only.split(","):
-          continue
-        scfg = SamplerConfig(gen_length=L, block_length=lb, steps=steps, mask_id=cfg.lm.mask_id)
-        gen = generate.Generator(model, tok, scfg, cache=cache)
-        prompts = [generate.prompt_ids(model, tok, req)] * batch
-        ids, images = prompts[0]
-        n = len(ids) - 1 + model.layout(*images[0]).num_tokens
-        p = generate.bucket(n)
-        x, valid = generate.embed_prompts(model, prompts, p)
-        canvas0 = np.full((batch, L), cfg.lm.mask_id, np.int32)
-        counts = transfer_schedule(canvas0, scfg)
-        rng = jax.random.key(0)
+  unrolls = {"off": (False,), "on": (True,), "both": (False, True)}[args.unroll]
+  for unroll, (L, lb, steps), batch, cache in itertools.product(
+      unrolls, settings, batches, ("none", "prefix", "dual")):
+    if cache == "none" and L == 256 and batch == 8:
+      continue  # 8 x ~1,400 tokens x 64 steps: minutes, and no news
+    if args.only and f"{L}:{batch}" not in args.only.split(","):
+      continue
+    scfg = SamplerConfig(gen_length=L, block_length=lb, steps=steps, mask_id=cfg.lm.mask_id)
+    gen = generate.Generator(model, tok, scfg, cache=cache, unroll_layers=unroll)
+    prompts = [generate.prompt_ids(model, tok, req)] * batch
+    ids, images = prompts[0]
+    n = len(ids) - 1 + model.layout(*images[0]).num_tokens
+    p = generate.bucket(n)
+    x, valid = generate.embed_prompts(model, prompts, p)
+    canvas0 = np.full((batch, L), cfg.lm.mask_id, np.int32)
+    counts = transfer_schedule(canvas0, scfg)
+    rng = jax.random.key(0)
 
-        def prefill():
-          return jax.block_until_ready(gen._prefill(gen.lm_state, x, valid))
+    def prefill():
+      return jax.block_until_ready(gen._prefill(gen.lm_state, x, valid))
 
-        operands = prefill() if cache != "none" else (x, valid)
+    operands = prefill() if cache != "none" else (x, valid)
+    t1 = time.perf_counter()
+    out = jax.block_until_ready(gen._sample(canvas0, counts, rng, gen.lm_state, *operands))
+    compile_s = time.perf_counter() - t1
+    nfe = int(out[1][0])
+    times, pre = [], []
+    for _ in range(args.runs):
+      if cache != "none":
         t1 = time.perf_counter()
-        out = jax.block_until_ready(gen._sample(canvas0, counts, rng, gen.lm_state, *operands))
-        compile_s = time.perf_counter() - t1
-        nfe = int(out[1][0])
-        times, pre = [], []
-        for _ in range(args.runs):
-          if cache != "none":
-            t1 = time.perf_counter()
-            operands = prefill()
-            pre.append(time.perf_counter() - t1)
-          t1 = time.perf_counter()
-          jax.block_until_ready(gen._sample(canvas0, counts, rng, gen.lm_state, *operands))
-          times.append(time.perf_counter() - t1)
-        total = statistics.median(times)
-        per_step = total / nfe
-        if cache == "none":
-          flops = step_flops(cfg, batch, p + L, p + L, lb)
-        elif cache == "prefix":
-          flops = step_flops(cfg, batch, L, p + L, lb)
-        else:  # one refresh (the whole canvas) and steps - 1 window steps per block
-          spb = steps // (L // lb)
-          flops = (step_flops(cfg, batch, L, p + L, lb)
-                   + (spb - 1) * step_flops(cfg, batch, lb, p + L, lb)) / spb
-        floor = max(floor_bw, flops / BF16_PEAK[args.gpu])
-        row = dict(L=L, block=lb, steps=steps, batch=batch, cache=cache, prompt=n, bucket=p,
-                   nfe=nfe, sample_s=round(total, 4), ms_per_step=round(per_step * 1e3, 3),
-                   prefill_ms=round(statistics.median(pre) * 1e3, 2) if pre else None,
-                   floor_ms=round(floor * 1e3, 3), x_floor=round(per_step / floor, 2),
-                   hbm_floor_ms=round(floor_bw * 1e3, 3),
-                   tflops=round(flops / per_step / 1e12, 1), compile_s=round(compile_s, 1),
-                   runs=args.runs)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if args.json:
-          with open(args.json, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, lm_bytes=lm_bytes,
-                           read_bytes=read_bytes, rows=rows), f, indent=1)
-  print(f"\n{'L':>4} {'B':>2} {'cache':>6} {'nfe':>4} {'ms/step':>8} {'floor':>7} "
+        operands = prefill()
+        pre.append(time.perf_counter() - t1)
+      t1 = time.perf_counter()
+      jax.block_until_ready(gen._sample(canvas0, counts, rng, gen.lm_state, *operands))
+      times.append(time.perf_counter() - t1)
+    total = statistics.median(times)
+    per_step = total / nfe
+    if cache == "none":
+      flops = step_flops(cfg, batch, p + L, p + L, lb)
+    elif cache == "prefix":
+      flops = step_flops(cfg, batch, L, p + L, lb)
+    else:  # one refresh (the whole canvas) and steps - 1 window steps per block
+      spb = steps // (L // lb)
+      flops = (step_flops(cfg, batch, L, p + L, lb)
+               + (spb - 1) * step_flops(cfg, batch, lb, p + L, lb)) / spb
+    floor = max(floor_bw, flops / BF16_PEAK[args.gpu])
+    row = dict(L=L, block=lb, steps=steps, batch=batch, cache=cache, unroll=unroll,
+               prompt=n, bucket=p,
+               nfe=nfe, sample_s=round(total, 4), ms_per_step=round(per_step * 1e3, 3),
+               prefill_ms=round(statistics.median(pre) * 1e3, 2) if pre else None,
+               floor_ms=round(floor * 1e3, 3), x_floor=round(per_step / floor, 2),
+               hbm_floor_ms=round(floor_bw * 1e3, 3),
+               tflops=round(flops / per_step / 1e12, 1), compile_s=round(compile_s, 1),
+               runs=args.runs)
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(device=jax.devices()[0].device_kind, lm_bytes=lm_bytes,
+                       read_bytes=read_bytes, rows=rows), f, indent=1)
+  print(f"\n{'unroll':>6} {'L':>4} {'B':>2} {'cache':>6} {'nfe':>4} {'ms/step':>8} {'floor':>7} "
         f"{'x floor':>7} {'TFLOP/s':>7} {'sample s':>8} {'speedup':>7}")
   for r in rows:
-    base = next((b for b in rows if (b["L"], b["batch"], b["cache"]) ==
-                 (r["L"], r["batch"], "none")), None)
+    base = next((b for b in rows if (b["L"], b["batch"], b["cache"], b["unroll"]) ==
+                 (r["L"], r["batch"], "none", r["unroll"])), None)
     speed = f"{base['sample_s'] / r['sample_s']:.2f}x" if base else "-"
-    print(f"{r['L']:>4} {r['batch']:>2} {r['cache']:>6} {r['nfe']:>4} {r['ms_per_step']:>8.2f} "
+    print(f"{str(r['unroll']):>6} {r['L']:>4} {r['batch']:>2} {r['cache']:>6} {r['nfe']:>4} {r['ms_per_step']:>8.2f} "
           f"{r['floor_ms']:>7.2f} {r['x_floor']:>7.2f} {r['tflops']:>7.1f} "
           f"{r['sample_s']:>8.3f} {speed:>7}")
 
