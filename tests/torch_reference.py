@@ -110,26 +110,32 @@ class Reference:
         feats = grid.flatten(2).transpose(1, 2)
       return spatial_unpad(feats, self.newline, image_size, grid_rc, c.max_tiles)
 
-  def logits_from_embeds(self, embeds: torch.Tensor) -> torch.Tensor:
-    """Bidirectional: an all-zero additive 4-D mask."""
+  def logits_from_embeds(self, embeds: torch.Tensor, additive_mask=None) -> torch.Tensor:
+    """Bidirectional: an all-zero additive 4-D mask (or the one given, [B, 1, T, T])."""
     b, t, _ = embeds.shape
+    mask = torch.zeros(b, 1, t, t) if additive_mask is None else additive_mask
     with torch.no_grad():
-      return self.lm(inputs_embeds=embeds, attention_mask=torch.zeros(b, 1, t, t)).logits
+      return self.lm(inputs_embeds=embeds, attention_mask=mask).logits
 
   def text_logits(self, ids: np.ndarray) -> np.ndarray:
     emb = self.lm.get_input_embeddings()(torch.from_numpy(ids))
     return self.logits_from_embeds(emb).numpy()
 
-  def multimodal_logits(self, ids_row: np.ndarray, images) -> np.ndarray:
-    """One row with -200 markers; images: [(pixels, image_size, grid_rc)]."""
+  def multimodal_embeds(self, ids_row: np.ndarray, images) -> torch.Tensor:
+    """[T', H]: one row with -200 markers spliced; images: [(pixels, image_size, grid_rc)]."""
     emb = self.lm.get_input_embeddings()
     pieces, start, it = [], 0, iter(images)
-    for pos in np.flatnonzero(ids_row == -200):
-      pieces.append(emb(torch.from_numpy(ids_row[start:pos])))
-      pieces.append(self.image_tokens(*next(it)))
-      start = pos + 1
-    pieces.append(emb(torch.from_numpy(ids_row[start:])))
-    return self.logits_from_embeds(torch.cat(pieces)[None]).numpy()[0]
+    with torch.no_grad():
+      for pos in np.flatnonzero(ids_row == -200):
+        pieces.append(emb(torch.from_numpy(ids_row[start:pos])))
+        pieces.append(self.image_tokens(*next(it)))
+        start = pos + 1
+      pieces.append(emb(torch.from_numpy(ids_row[start:])))
+    return torch.cat(pieces)
+
+  def multimodal_logits(self, ids_row: np.ndarray, images) -> np.ndarray:
+    """One row with -200 markers; images: [(pixels, image_size, grid_rc)]."""
+    return self.logits_from_embeds(self.multimodal_embeds(ids_row, images)[None]).numpy()[0]
 
   # -- the checkpoint in the family's released layout --
 
