@@ -53,7 +53,8 @@ def resolve(path: str, revision: str | None = None) -> str:
   except Exception as e:  # noqa: BLE001 -- one message whatever the hub raised
     where = "in the cache " + cache_dir() + " (HF_HUB_OFFLINE is set)" if offline() else ""
     raise CheckpointError(f"cannot get checkpoint {path!r}"
-                          f"{'@' + revision if revision else ''} from the Hugging Face hub"
+                          f"{'@' + revision if revision else ''}: no such local folder, and "
+                          "not from the Hugging Face hub"
                           f"{' ' + where if where else ''}: {type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
