@@ -261,11 +261,13 @@ class Generator:
   and confidence softmax over the whole vocabulary, mask id included
   (`SamplerConfig.forbid_mask=False`). The default forbids the mask id.
 
-  unroll_layers (default: on the CPU): run the LM's and the vision tower's layers
-  unrolled on per-layer copies of their weights (`layers.unstack_layers`; the
-  model itself is not changed). A scan over stacked layers slices each layer's
-  weights out of the stack, which XLA:CPU copies on every pass (a quarter of a
-  d512 cached step). It costs a second copy of those weights.
+  unroll_layers (default: on CPUs and GPUs): run the LM's and the vision tower's
+  layers unrolled on per-layer copies of their weights (`layers.unstack_layers`;
+  the model itself is not changed). A scan over stacked layers slices each
+  layer's weights out of the stack, which XLA copies on every pass: a quarter
+  of a d512 cached step on the CPU, half of a full-size LaViDa-L cached step on
+  an H200 (13.5 -> 6.5 ms at batch 1, benchmarks/README.md). It costs a second
+  copy of those weights (pass False where memory is short; TPUs keep the scan).
   """
 
   def __init__(self, model: LaViDa, tokenizer, cfg: sampler_lib.SamplerConfig,
@@ -281,7 +283,7 @@ class Generator:
       cfg = dataclasses.replace(cfg, forbid_mask=False)
     self.cfg, self.system_prompt = cfg, system_prompt
     if unroll_layers is None:
-      unroll_layers = jax.default_backend() == "cpu"
+      unroll_layers = jax.default_backend() in ("cpu", "gpu", "cuda", "rocm")
     run = nnx.merge(*nnx.split(model))  # new modules over the same arrays
     if unroll_layers:
       run.lm.blocks = layers.unstack_layers(run.lm.blocks)
