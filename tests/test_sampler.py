@@ -164,7 +164,7 @@ def test_greedy_table_is_argmax_and_follows_llada_order():
 
 @pytest.mark.parametrize("confidence,steps,schedule",
                          [(c, 8, "shift") for c in smp.CONFIDENCES]
-                         + [("low_confidence", 32, "linear"),
+                         + [("low_confidence", 32, "none"),
                             ("entropy", 4, "cosine")])
 def test_coupled_matches_reference(confidence, steps, schedule):
   cfg = cfg_of(steps=steps, schedule=schedule, confidence=confidence)
@@ -190,7 +190,7 @@ def test_order_matters_for_the_coupled_model():
 
 
 def test_ties_broken_by_position():
-  cfg = cfg_of(steps=16, schedule="linear")
+  cfg = cfg_of(steps=16, schedule="none")
   same = lambda c: jnp.broadcast_to(jnp.asarray(TABLE[0]), c.shape + (V,))
   _, hist, _ = run(same, np.full((2, 16), MASK), cfg)
   committed_at = (hist != MASK).argmax(0)  # first step where each is set
