@@ -1,5 +1,6 @@
 """CPU demo: trains a small LaViDa from scratch on generated shape scenes, then answers
-held-out questions with the diffusion sampler (the embedded default of lavida_jax.main).
+held-out questions and describes held-out scenes with the diffusion sampler (the
+embedded default of lavida_jax.main).
 
 Small on purpose (2 CPU cores, minutes): 56-px single-view images (4x4 = 16 image
 tokens; shapes on black, in one row, each inside one patch), a 3-layer LLaDA-shaped
@@ -41,8 +42,8 @@ def get_config(arg: str | None = None):
   c.data.length = 44  # the longest record (a 3-shape description) is 44 tokens
   c.data.system_prompt = False
   # Each scene is described (the caption) and asked one one-word question: half the
-  # records are descriptions, whose colour-kind binding in order is what the
-  # held-out captions need (a third of 3000 scenes' records reached 74% on them).
+  # records are descriptions, whose colour-kind binding in order is what the held-out
+  # captions need (3000 scenes with two questions each, a third descriptions: 74%).
   c.data.demo_train = 6000  # scenes
   c.data.demo_questions = 1  # one-word questions per scene
   c.data.demo_heldout = 500  # scenes: 500 one-word questions and 500 captions
