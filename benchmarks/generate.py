@@ -20,6 +20,7 @@ after one warm-up (compilation) call.
   python benchmarks/generate.py --d_model=512 --layers=8 --vision_width=128 --vision_depth=4
   python benchmarks/generate.py --d_model=1024 --layers=16 --vision_width=256 --vision_depth=6
   python benchmarks/generate.py --sweep   # ours only: NFE 100/50/25% x cache on/off
+  python benchmarks/generate.py --cache_steps   # ours only: ms/step per cache, L = 64..256
 """
 from __future__ import annotations
 
@@ -41,7 +42,6 @@ from lavida_jax import generate
 from lavida_jax.data import demo, shapes
 from lavida_jax.diffusion import sampler as sampler_lib
 from lavida_jax.diffusion.sampler import SamplerConfig
-from lavida_jax.models import layers
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -95,46 +95,81 @@ def run_torch(inputs_path: str, runs: int, threads: int | None, cache: bool) -> 
       return json.load(g)
 
 
-def time_ours(model, tok, req, cfg, cache: bool, runs: int) -> dict:
-  """Ours, split as the PyTorch side is: vision, prefill, steps (the rest of a call)."""
-  gen = generate.Generator(model, tok, cfg, cache)
-  prompt = generate.prompt_ids(model, tok, req)
-  pixels, size = prompt[1][0]
-  n = len(prompt[0]) - 1 + model.layout(pixels, size).num_tokens
-  length = generate.bucket(n)
-  lm_graphdef, lm_state = nnx.split(model.lm)
-
-  @jax.jit
-  def prefill(state, x, valid):
-    return nnx.merge(lm_graphdef, state).prefill(x, valid)
+def time_ours(model, tok, req, cfg, cache, runs: int, unroll=None) -> dict:
+  """Ours, split as the PyTorch side is: vision, prefill, steps; the Generator's own
+  compiled programs (vision + splice + prefill is one of them: its vision part is
+  timed apart with the same weights, the rest counts as prefill)."""
+  gen = generate.Generator(model, tok, cfg, cache, unroll_layers=unroll)
+  vision = jax.jit(lambda state, px: nnx.merge(gen.graphdef, state).project(
+      nnx.merge(gen.graphdef, state).vision(px)))
 
   def parts():
     t0 = time.perf_counter()
-    generate.prompt_ids(model, tok, req)  # host: image decode, anyres crops, tokenising
+    prompts = [generate.prompt_ids(model, tok, req)]  # host: image decode, crops, tokens
+    length = generate.bucket(generate.prompt_length(model, *prompts[0]))
+    packed = generate.pack_prompts(model, prompts, length)
+    canvas0 = gen.canvas([req])
+    counts = sampler_lib.transfer_schedule(canvas0, gen.cfg)
     t1 = time.perf_counter()
-    model.image_tokens(pixels, size).block_until_ready()
+    jax.block_until_ready(vision(gen.state, packed["pixels"][0]))
     t2 = time.perf_counter()
-    x, valid = generate.embed_prompts(model, [prompt], length)
-    jax.block_until_ready(x)
+    ops = jax.block_until_ready(gen._prepare(gen.state, **packed))
     t3 = time.perf_counter()
-    if cache:
-      jax.block_until_ready(prefill(lm_state, x, valid))
+    out, steps = jax.block_until_ready(
+        gen._sample(canvas0, counts, jax.random.key(0), gen.lm_state, *ops))
     t4 = time.perf_counter()
-    res = gen([req])
-    t5 = time.perf_counter()
-    return dict(host_s=t1 - t0, vision_s=t2 - t1, embed_s=t3 - t2, prefill_s=t4 - t3,
-                call_s=t5 - t4), res[0]
+    return dict(host_s=t1 - t0, vision_s=t2 - t1, prepare_s=t3 - t2, steps_s=t4 - t3,
+                n=len(prompts[0][0]), length=length), (np.asarray(out)[0], int(steps[0]))
 
   parts()  # compile
   rows = [parts() for _ in range(runs)]
-  med = {k: statistics.median(r[0][k] for r in rows) for k in rows[0][0]}
-  res = rows[-1][1]
-  steps = res.nfe - int(cache)
-  # A call = host prep + splice (vision inside) + prefill + steps.
-  steps_s = med["call_s"] - med["host_s"] - med["embed_s"] - med["prefill_s"]
-  return dict(vision_s=med["vision_s"], prefill_s=med["prefill_s"], steps_s=steps_s,
-              total_s=med["call_s"] - med["host_s"], per_step_ms=1e3 * steps_s / steps,
-              steps=steps, prefix=n, bucket=length, tokens=res.ids, host_s=med["host_s"])
+  med = {k: statistics.median(r[0][k] for r in rows) for k in ("host_s", "vision_s",
+                                                              "prepare_s", "steps_s")}
+  tokens, steps = rows[-1][1]
+  prefill = med["prepare_s"] - med["vision_s"]  # splice + prefill (+ vision in one program)
+  prompt = generate.prompt_ids(model, tok, req)
+  return dict(vision_s=med["vision_s"], prefill_s=prefill, steps_s=med["steps_s"],
+              total_s=med["prepare_s"] + med["steps_s"],
+              per_step_ms=1e3 * med["steps_s"] / steps, steps=steps,
+              prefix=generate.prompt_length(model, *prompt), bucket=rows[-1][0]["length"],
+              tokens=[int(t) for t in tokens], host_s=med["host_s"])
+
+
+def cache_steps(args, model, tok):
+  """Ours only: the cost of a denoising step per cache at L = 64, 128, 256 (blocks of
+  32, L/4 steps: 8 per block), batch --batch."""
+  size = tuple(int(v) for v in args.image_size.split("x"))
+  image = shapes.render(shapes.sample_scene(np.random.default_rng(0), size), size)
+  reqs = [generate.Request(args.prompt, image)] * args.batch
+  rows = []
+  for L in (64, 128, 256):
+    cfg = SamplerConfig(gen_length=L, block_length=32, steps=L // 4,
+                        mask_id=model.cfg.lm.mask_id)
+    for cache in ("none", "prefix", "dual"):
+      gen = generate.Generator(model, tok, cfg, cache)
+      prompts = [generate.prompt_ids(model, tok, r) for r in reqs]
+      length = generate.bucket(max(generate.prompt_length(model, *p) for p in prompts))
+      ops = gen._prepare(gen.state, **generate.pack_prompts(model, prompts, length))
+      canvas0 = gen.canvas(reqs)
+      counts = sampler_lib.transfer_schedule(canvas0, cfg)
+      run = lambda: jax.block_until_ready(gen._sample(canvas0, counts, jax.random.key(0),
+                                                      gen.lm_state, *ops))
+      steps = int(run()[1][0])  # compile
+      times = []
+      for _ in range(args.runs):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+      med = statistics.median(times)
+      rows.append(dict(L=L, cache=cache, steps=steps, sample_s=med,
+                       ms_per_step=1e3 * med / steps, prefix=length))
+      print(json.dumps(rows[-1]), flush=True)
+  print(f"{'L':>4} {'cache':>6} {'steps':>5} {'ms/step':>8} {'sampler s':>9} {'vs none':>7}")
+  for r in rows:
+    base = next(b for b in rows if b["L"] == r["L"] and b["cache"] == "none")
+    print(f"{r['L']:>4} {r['cache']:>6} {r['steps']:>5} {r['ms_per_step']:>8.1f} "
+          f"{r['sample_s']:>9.3f} {base['sample_s'] / r['sample_s']:>6.2f}x")
+  return rows
 
 
 def compare(args, model, tok):
@@ -152,14 +187,12 @@ def compare(args, model, tok):
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "inputs.npz")
     np.savez(path, **torch_inputs(model, prompt, canvas0, counts))
-    if args.unstacked:  # what a Generator for CPU could do once: unrolled layers, no slices
-      model.lm.blocks = layers.unstack_layers(model.lm.blocks)
-      model.vision.blocks = layers.unstack_layers(model.vision.blocks)
     for cache in (True, False) if args.no_cache else (True,):
       ours, theirs = [], []
       for _ in range(args.rounds):
         theirs.append(run_torch(path, args.runs, args.torch_threads, cache))
-        ours.append(time_ours(model, tok, req, cfg, cache, args.runs))
+        ours.append(time_ours(model, tok, req, cfg, cache, args.runs,
+                              False if args.scanned else None))
       keys = ("vision_s", "prefill_s", "steps_s", "total_s", "per_step_ms")
       for side, rs in (("lavida-jax", ours), ("LaViDa PyTorch", theirs)):
         row = {k: statistics.median(r[k] for r in rs) for k in keys}
@@ -170,7 +203,7 @@ def compare(args, model, tok):
         f"vision {args.vision_width}x{args.vision_depth} image {args.image_size} "
         f"prefix={rows[0]['prefix']} (bucket {rows[0]['bucket']}) L={L} steps={args.steps} "
         f"runs={args.runs}x{args.rounds} torch threads={theirs[-1]['threads']}"
-        + (" unstacked layers" if args.unstacked else ""))
+        + (" scanned layers" if args.scanned else " layers unrolled on the CPU"))
   print(f"{'side':>15} {'cache':>6} {'total s':>8} {'vision s':>9} {'prefill s':>10} "
         f"{'steps s':>8} {'ms/step':>8}")
   for r in rows:
@@ -227,9 +260,11 @@ def main():
   ap.add_argument("--no_cache", action="store_true", help="also compare without the cache")
   ap.add_argument("--torch_threads", type=int, default=None, help="default: torch's own")
   ap.add_argument("--sweep", action="store_true", help="ours only: NFE x cache table")
-  ap.add_argument("--batch", type=int, default=1, help="--sweep only")
-  ap.add_argument("--unstacked", action="store_true",
-                  help="per-layer weights (layers.unstack_layers) in the LM and vision tower")
+  ap.add_argument("--batch", type=int, default=1, help="--sweep and --cache_steps only")
+  ap.add_argument("--scanned", action="store_true",
+                  help="ours with the layers scanned (Generator(unroll_layers=False))")
+  ap.add_argument("--cache_steps", action="store_true",
+                  help="ours only: ms per step of each cache at L = 64, 128, 256")
   ap.add_argument("--bucket", type=int, default=None,
                   help="pad every prompt to this length (e.g. 1024: the old bucket of 601)")
   ap.add_argument("--dtype", default="float32")
@@ -241,7 +276,10 @@ def main():
                      args.vision_depth)
   if args.bucket:
     generate.bucket = lambda n, _b=args.bucket: max(_b, n)
-  rows = sweep(args, model, tok) if args.sweep else compare(args, model, tok)
+  if args.cache_steps:
+    rows = cache_steps(args, model, tok)
+  else:
+    rows = sweep(args, model, tok) if args.sweep else compare(args, model, tok)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(args=vars(args), rows=rows), f, indent=1)
