@@ -119,7 +119,7 @@ def pack_prompts(model: LaViDa, prompts, length: int) -> dict[str, np.ndarray]:
     if images:
       pixels, image_size = images[0]
       out["pixels"][b, :len(pixels)] = pixels
-    n = len(ids) - (1 if images else 0) + (model.layout(*images[0]).num_tokens if images else 0)
+    n = prompt_length(model, ids, images)
     if n > length:
       raise ValueError(f"prompt of {n} tokens (images expanded) exceeds length {length}")
     row = packing.pack_example(ids, ids, image_size, cfg, n, 0, views)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lavida_jax.diffusion import sampler as smp
-from tests.test_sampler import (COUPLING, EMBED, EOS, MASK, TABLE, V, cfg_of, coupled_jax,
+from tests.test_sampler import (COUPLING, EMBED, EOS, MASK, TABLE, cfg_of, coupled_jax,
                                 drafts)
 
 L, LB = 16, 8

@@ -205,7 +205,6 @@ def test_the_clis_take_the_decoder_and_cache_flags(reference_checkpoint, tiny_to
   import sys
 
   import lavida_jax
-  from lavida_jax import evaluate
 
   _, folder = reference_checkpoint("lavida-llada")
   image = tmp_path / "a.png"
