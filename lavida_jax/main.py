@@ -70,6 +70,13 @@ def first_process_first(fn):
   return out if jax.process_index() == 0 else fn()
 
 
+def demo_args(cfg) -> dict:
+  """`demo.prepare`'s arguments for a config: the same config, the same set."""
+  return dict(seed=cfg.train.seed, num_train=cfg.data.demo_train,
+              num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size,
+              questions_per_image=cfg.data.get("demo_questions", 2))
+
+
 def make_train_data(cfg, workdir: str):
   """Tokenizer, special ids and the batch iterator factory; plus the held-out sets.
 
@@ -94,10 +101,8 @@ def make_train_data(cfg, workdir: str):
   heldout, groups, captions = None, None, None
   if cfg.data.source == "demo":
     root = cfg.data.get("demo_root") or os.path.join(workdir, "demo_data")
-    files, data_dir = first_process_first(functools.partial(
-        demo.prepare, root, seed=cfg.train.seed, num_train=cfg.data.demo_train,
-        num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size,
-        questions_per_image=cfg.data.get("demo_questions", 2)))
+    files, data_dir = first_process_first(
+        functools.partial(demo.prepare, root, **demo_args(cfg)))
     source = pipeline.open_source(data_dir, "train")  # the tfds ArrayRecord copy
     records = demo.read_jsonl(files.qa["heldout"])
     heldout = evaluate.qa_pairs(records, files.image_folder)

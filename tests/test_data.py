@@ -284,6 +284,18 @@ def test_prepare_rebuilds_only_when_the_set_changes(tmp_path):
   assert len(tb.data_source(data_dir, "heldout")) == 2
 
 
+def test_prepare_from_two_processes_at_once(tmp_path):
+  """Two runs sharing a demo root (both rebuilding it) take turns instead of racing."""
+  import subprocess
+  code = ("import sys; from lavida_jax.data import demo; "
+          f"demo.prepare(sys.argv[1], num_train=40, num_heldout=2, image_size={IMAGE})")
+  procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)],
+                            stderr=subprocess.PIPE, text=True) for _ in range(2)]
+  errs = [p.communicate(timeout=240)[1] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], errs
+  assert len(tb.data_source(os.path.join(tmp_path, "tfds"), "train")) > 40
+
+
 # ------------------------------------------------------------------ pipeline --
 
 

@@ -132,10 +132,15 @@ def _complete(workdir) -> list[int]:
 
 def _demo_data(folder) -> str:
   """The demo set, made once (here) and shared by every run (config.data.demo_root)."""
+  import runpy
+  from lavida_jax import main
   from lavida_jax.data import demo
   from lavida_jax.data import tfds_builder
   tfds_builder.tfds.display_progress_bar(False)
-  demo.prepare(str(folder), seed=0, num_train=24, num_heldout=4, image_size=56)
+  cfg = runpy.run_path(os.path.join(ROOT, "configs", "cpu_demo.py"))["get_config"]()
+  cfg.train.seed, cfg.data.demo_train, cfg.data.demo_heldout = 0, 24, 4
+  cfg.model.image_size = 56  # as ARGS: the runs find this set and reuse it
+  demo.prepare(str(folder), **main.demo_args(cfg))
   return str(folder)
 
 

@@ -28,6 +28,7 @@ both chat templates, with the templates' special strings as single pieces.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
@@ -217,6 +218,15 @@ def prepare(root: str, **kwargs) -> tuple[DemoFiles, str]:
   Returns (files, data_dir) for `tfds_builder.data_source(data_dir, split)`. The
   ArrayRecord copy is rebuilt whenever the generated set changed.
   """
+  os.makedirs(root, exist_ok=True)
+  # Runs sharing a root (two jobs, or one job's processes on a shared disk) take turns:
+  # the first writes, the others then find a matching set and reuse it.
+  with open(os.path.join(root, ".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return _prepare(root, **kwargs)
+
+
+def _prepare(root: str, **kwargs) -> tuple[DemoFiles, str]:
   from lavida_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
 
   files = generate(root, **kwargs)
