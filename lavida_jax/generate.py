@@ -268,12 +268,16 @@ class Generator:
   of a d512 cached step on the CPU, half of a full-size LaViDa-L cached step on
   an H200 (13.5 -> 6.5 ms at batch 1, benchmarks/README.md). It costs a second
   copy of those weights (pass False where memory is short; TPUs keep the scan).
+
+  on_step: `on_step(canvas [B, L], steps [B])`, numpy, called on the host after every
+  denoising step (streaming; `sampler.sample`). It is compiled in: a Generator with
+  it is a second program.
   """
 
   def __init__(self, model: LaViDa, tokenizer, cfg: sampler_lib.SamplerConfig,
                cache: str | bool = "prefix",
                system_prompt: str | None = text_lib.SYSTEM_PROMPT,
-               unroll_layers: bool | None = None):
+               unroll_layers: bool | None = None, on_step=None):
     if isinstance(cache, bool):
       cache = "prefix" if cache else "none"
     self.model, self.tokenizer, self.cache = model, tokenizer, cache
@@ -293,7 +297,7 @@ class Generator:
     self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,
                                               cache=cache != "none"))
     den = denoiser(cache, self.lm_graphdef, model.cfg.lm.shifted_logits, cfg.block_length)
-    self._sample = sampler_lib.make_sampler(den, cfg, return_steps=True)
+    self._sample = sampler_lib.make_sampler(den, cfg, return_steps=True, on_step=on_step)
     self._prefill = jax.jit(functools.partial(_prefill, lm_graphdef=self.lm_graphdef))
 
   @property
@@ -314,15 +318,22 @@ class Generator:
   def __call__(self, reqs: Sequence[Request], rng=None) -> list[Result]:
     t0 = time.perf_counter()
     prompts = [prompt_ids(self.model, self.tokenizer, r, self.system_prompt) for r in reqs]
-    length = bucket(max(prompt_length(self.model, *p) for p in prompts))
-    canvas0 = self.canvas(reqs)
+    out, nfe = self.run(prompts, self.canvas(reqs), rng)
+    seconds = (time.perf_counter() - t0) / len(reqs)
+    return [Result(self.decode(row), [int(i) for i in row], int(n), seconds)
+            for row, n in zip(out, nfe)]
+
+  def run(self, prompts, canvas0: np.ndarray, rng=None,
+          length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """[(ids, images)] from `prompt_ids` and their canvases [B, L] -> (ids [B, L], NFE
+    [B]: the row's forward passes, its prefill included). `length`: the prompt bucket
+    (default: the smallest that holds the longest prompt)."""
+    length = length or bucket(max(prompt_length(self.model, *p) for p in prompts))
     counts = sampler_lib.transfer_schedule(canvas0, self.cfg)
     rng = jax.random.key(0) if rng is None else rng
     operands = self._prepare(self.state, **pack_prompts(self.model, prompts, length))
     out, steps = jax.device_get(self._sample(canvas0, counts, rng, self.lm_state, *operands))
-    seconds = (time.perf_counter() - t0) / len(reqs)
-    return [Result(self.decode(row), [int(i) for i in row], int(n) + int(self.prefix_cache),
-                   seconds) for row, n in zip(out, steps)]
+    return out, steps + int(self.prefix_cache)
 
   def stop_ids(self) -> list[int]:
     """EOS and the end-of-turn tokens: an answer ends at the first of them."""

@@ -225,3 +225,22 @@ def test_adaptive_config_errors_name_the_problem():
     cfg_of(decoder="threshold", threshold=1.5)
   with pytest.raises(ValueError, match="confidence must be low_confidence or margin"):
     cfg_of(decoder="factor", confidence="entropy")
+
+
+@pytest.mark.parametrize("kw", [dict(decoder="fixed", steps=8), DECODERS[0]],
+                         ids=lambda kw: kw["decoder"])
+def test_on_step_sees_every_step_of_the_history(kw):
+  """The streaming hook: called once per step, in order, with the history's canvases
+  and each row's step count so far."""
+  cfg = cfg_of(**kw)
+  canvas0 = ragged()
+  out, hist, steps = run(plain(), canvas0, cfg)
+  seen = []
+  sampler = smp.make_sampler(plain(), cfg, on_step=lambda c, s: seen.append((c, s)))
+  jax.block_until_ready(sampler(canvas0, smp.transfer_schedule(canvas0, cfg),
+                                jax.random.key(0)))
+  assert len(seen) == (len(hist) if kw["decoder"] == "fixed" else steps.max())
+  for t, (canvas, count) in enumerate(seen):
+    np.testing.assert_array_equal(canvas, hist[t])
+  np.testing.assert_array_equal(seen[-1][1], steps)
+  assert all((b[1] >= a[1]).all() for a, b in zip(seen, seen[1:]))

@@ -403,7 +403,7 @@ def _block_logits(den: Denoiser, refresh_B, active_B, canvas, start_B, cache, op
 
 def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
            cfg: SamplerConfig, *operands, return_history: bool = False,
-           return_steps: bool = False):
+           return_steps: bool = False, on_step=None):
   """Denoises the canvas; jit-compatible with `denoise_fn`, `cfg` static.
 
   Args:
@@ -420,6 +420,8 @@ def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
     return_history: also return the canvas after every step.
     return_steps: also return steps [B] int32, the denoising steps each row
       took (its forward passes; a refresh pass counts as one).
+    on_step: a host function `on_step(canvas [B, L], steps [B])` called after
+      every denoising step (`jax.debug.callback`; streaming), steps as above.
 
   Returns:
     canvas [B, L] int32, then history [S, B, L] if asked (fixed: S =
@@ -438,16 +440,16 @@ def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
       raise ValueError(f"counts has shape {counts.shape}, expected (batch, "
                        f"num_blocks, steps_per_block) = {expected}")
     canvas, history, steps = _sample_fixed(den, canvas0, counts, rng, cfg, operands,
-                                           return_history)
+                                           return_history, on_step)
   else:
     canvas, history, steps = _sample_adaptive(den, canvas0, rng, cfg, operands,
-                                              return_history)
+                                              return_history, on_step)
   out = (canvas,) + ((history,) if return_history else ()) + ((steps,) if return_steps else ())
   return out if len(out) > 1 else canvas
 
 
 def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, operands,
-                  return_history: bool):
+                  return_history: bool, on_step=None):
   """The schedule's counts: one `lax.scan` over num_blocks · steps_per_block steps.
 
   A step where every row has k = 0 skips the forward pass (`lax.cond`). With a
@@ -473,6 +475,8 @@ def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, opera
     active = jnp.any(k > 0)
     canvas, cache = jax.lax.cond(active, denoise, lambda c, m: (c, m), canvas, cache)
     carry = (canvas, cache, steps + active.astype(jnp.int32))
+    if on_step is not None:
+      jax.debug.callback(on_step, canvas, carry[2])
     return carry, (canvas if return_history else None)
 
   carry = (canvas0, _empty_cache(den, canvas0, operands), jnp.zeros((batch,), jnp.int32))
@@ -481,7 +485,7 @@ def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, opera
 
 
 def _sample_adaptive(den: Denoiser, canvas0, rng, cfg: SamplerConfig, operands,
-                     return_history: bool):
+                     return_history: bool, on_step=None):
   """Threshold / factor decoding: a `lax.while_loop` until every row is done.
 
   Each row works on its first block that still has a mask; it moves on when
@@ -521,6 +525,8 @@ def _sample_adaptive(den: Denoiser, canvas0, rng, cfg: SamplerConfig, operands,
     canvas = block_update(canvas, jnp.where(active[:, None], new, tokens), start)
     if return_history:
       history = history.at[it].set(canvas)
+    if on_step is not None:
+      jax.debug.callback(on_step, canvas, steps + active)
     return (canvas, cache, steps + active, jnp.where(active, block, prev_block), it + 1,
             history)
 
@@ -538,7 +544,7 @@ def _sample_adaptive(den: Denoiser, canvas0, rng, cfg: SamplerConfig, operands,
 
 
 def make_sampler(denoise_fn, cfg: SamplerConfig, *, return_history: bool = False,
-                 return_steps: bool = False, **jit_kwargs):
+                 return_steps: bool = False, on_step=None, **jit_kwargs):
   """`sample` jitted once: `(canvas0, counts, rng, *operands) -> canvas`.
 
   Calls with the same shapes (one bucket) reuse one compilation.
@@ -546,5 +552,6 @@ def make_sampler(denoise_fn, cfg: SamplerConfig, *, return_history: bool = False
   """
   def run(canvas0, counts, rng, *operands):
     return sample(denoise_fn, canvas0, counts, rng, cfg, *operands,
-                  return_history=return_history, return_steps=return_steps)
+                  return_history=return_history, return_steps=return_steps,
+                  on_step=on_step)
   return jax.jit(run, **jit_kwargs)
