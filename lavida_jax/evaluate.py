@@ -145,9 +145,21 @@ def evaluate(generator: generate.Generator, pairs, task: str = "vqa",
     sub = score(task, [results[i].text for i in mine], [pairs[i][1] for i in mine])
     metrics.update({f"{k}/{g}": v for k, v in sub.items()})
   metrics.update(n=len(ok), errors=len(results) - len(ok),
-                 nfe=float(np.mean([r.nfe for r, _ in ok])) if ok else 0.0,
-                 seconds_per_sample=(time.perf_counter() - t0) / max(len(pairs), 1))
+                 **speed([r for r, _ in ok], time.perf_counter() - t0, len(pairs),
+                         getattr(getattr(generator, "cfg", None), "gen_length", 0),
+                         int(getattr(generator, "prefix_cache", False))))
   return metrics
+
+
+def speed(results: Sequence[generate.Result], wall: float, n: int, gen_length: int,
+          prefill: int) -> dict:
+  """Speed beside quality (SPEC §11, §14): NFE per answer (the prefill counted),
+  tokens per forward (canvas positions per denoising pass, as benchmarks report
+  it), wall seconds per answer and answers per second over `n` requests."""
+  nfe = float(np.mean([r.nfe for r in results])) if results else 0.0
+  passes = nfe - prefill
+  return {"nfe": nfe, "tokens_per_forward": gen_length / passes if passes > 0 else 0.0,
+          "seconds_per_sample": wall / max(n, 1), "answers_per_s": n / wall if wall > 0 else 0.0}
 
 
 def read_records(path: str) -> list[dict]:
