@@ -73,12 +73,19 @@ def prompt_ids(model: LaViDa, tokenizer, req: Request, system_prompt=text_lib.SY
   """
   images, question = [], req.prompt
   if req.image is not None:
-    pil = req.image if hasattr(req.image, "size") else image_lib.load_image(req.image)
-    images.append(image_lib.process_anyres(pil, model.cfg.image))
+    images.append(req.image if hasattr(req.image, "size") else image_lib.load_image(req.image))
     if text_lib.IMAGE_TOKEN not in question:
       question = f"{text_lib.IMAGE_TOKEN}\n{question}"
+  return chat_ids(model, tokenizer, [{"role": "user", "content": question}], images,
+                  system_prompt)
+
+
+def chat_ids(model: LaViDa, tokenizer, messages, images, system_prompt=text_lib.SYSTEM_PROMPT):
+  """A conversation ([{"role", "content"}], `<image>` in the content where each PIL
+  image goes) -> (token ids, [(pixel_values, image_size)]), as `prompt_ids`."""
+  images = [image_lib.process_anyres(im, model.cfg.image) for im in images]
   fmt = text_lib.TEMPLATES[template_for(model)]
-  prompt = fmt([{"role": "user", "content": question}], system_prompt=system_prompt)
+  prompt = fmt(messages, system_prompt=system_prompt)
   compat = model.cfg.reference_compat
   bos = tokenizer.token_to_id("<|startoftext|>") if template_for(model) == "llada" else None
   ids = text_lib.tokenize_prompt(prompt, tokenizer, reference_compat=compat, bos_id=bos)
@@ -96,16 +103,17 @@ def bucket(n: int, buckets: Sequence[int] = PREFIX_BUCKETS) -> int:
                    f"{buckets[-1]}")
 
 
-def pack_prompts(model: LaViDa, prompts, length: int) -> dict[str, np.ndarray]:
+def pack_prompts(model: LaViDa, prompts, length: int,
+                 views: int | None = None) -> dict[str, np.ndarray]:
   """[(ids, images)] -> host arrays for `LaViDa.embed_packed`, left-padded to `length`.
 
   ids [B, length] (-200 at image tokens), pixels [B, V, S, S, 3] (each row's views,
-  zero-padded to the batch's most), image_index / image_weight [B, length, 4] (which
+  zero-padded to `views`, default the batch's most), image_index / image_weight [B, length, 4] (which
   pooled view features make each image token, `data/packing.py`), valid [B, length].
   Left padding puts every prompt's end next to the canvas.
   """
   cfg = model.cfg
-  views = max([len(im[0][0]) for _, im in prompts if im] or [1])
+  views = views or max([len(im[0][0]) for _, im in prompts if im] or [1])
   size = cfg.image.size
   out = dict(ids=np.zeros((len(prompts), length), np.int32),
              pixels=np.zeros((len(prompts), views, size, size, 3), np.float32),
@@ -323,30 +331,41 @@ class Generator:
     return [Result(self.decode(row), [int(i) for i in row], int(n), seconds)
             for row, n in zip(out, nfe)]
 
-  def run(self, prompts, canvas0: np.ndarray, rng=None,
-          length: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  def run(self, prompts, canvas0: np.ndarray, rng=None, length: int | None = None,
+          views: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """[(ids, images)] from `prompt_ids` and their canvases [B, L] -> (ids [B, L], NFE
     [B]: the row's forward passes, its prefill included). `length`: the prompt bucket
-    (default: the smallest that holds the longest prompt)."""
+    (default: the smallest that holds the longest prompt); `views`: image views per
+    row (default: the batch's most). Both are compiled shapes."""
     length = length or bucket(max(prompt_length(self.model, *p) for p in prompts))
     counts = sampler_lib.transfer_schedule(canvas0, self.cfg)
     rng = jax.random.key(0) if rng is None else rng
-    operands = self._prepare(self.state, **pack_prompts(self.model, prompts, length))
+    packed = pack_prompts(self.model, prompts, length, views)
+    operands = self._prepare(self.state, **packed)
     out, steps = jax.device_get(self._sample(canvas0, counts, rng, self.lm_state, *operands))
     return out, steps + int(self.prefix_cache)
 
   def stop_ids(self) -> list[int]:
-    """EOS and the end-of-turn tokens: an answer ends at the first of them."""
-    return [self.model.cfg.lm.eos_id] + [
-        i for i in (self.tokenizer.token_to_id("<|eot_id|>"),
-                    self.tokenizer.token_to_id("<|im_end|>")) if i is not None]
+    return stop_ids(self.model, self.tokenizer)
 
   def decode(self, ids) -> str:
-    ids = sampler_lib.stop_at(ids, self.stop_ids())
-    fill = self.tokenizer.token_to_id("[S]")
-    if fill is not None:
-      ids = sampler_lib.strip_fillers(ids, fill)
-    return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return decode_answer(self.tokenizer, ids, self.stop_ids())
+
+
+def stop_ids(model: LaViDa, tokenizer) -> list[int]:
+  """EOS and the end-of-turn tokens: an answer ends at the first of them."""
+  return [model.cfg.lm.eos_id] + [
+      i for i in (tokenizer.token_to_id("<|eot_id|>"), tokenizer.token_to_id("<|im_end|>"))
+      if i is not None]
+
+
+def decode_answer(tokenizer, ids, stops) -> str:
+  """Canvas ids -> the answer's text: up to the first stop id, fillers dropped."""
+  ids = sampler_lib.stop_at(ids, stops)
+  fill = tokenizer.token_to_id("[S]")
+  if fill is not None:
+    ids = sampler_lib.strip_fillers(ids, fill)
+  return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
 def _prefill(lm_state, x, valid, *, lm_graphdef):
@@ -361,9 +380,18 @@ def _prefill(lm_state, x, valid, *, lm_graphdef):
 GENERATION_FILE = "generation.json"  # written beside a training run's checkpoints
 
 
+def side_folders(checkpoint: str) -> list[str]:
+  """Where a checkpoint's tokenizer and generation.json are: a training step's `files`
+  item, the folder itself, its parent (older training runs; checkpoint/orbax.py)."""
+  from lavida_jax.checkpoint import orbax as orbax_lib
+  if orbax_lib.is_orbax(checkpoint):  # a CheckpointManager root: its newest step's
+    return orbax_lib.side_folders(orbax_lib.find_step(checkpoint))
+  return [checkpoint, os.path.dirname(os.path.abspath(checkpoint))]
+
+
 def find_beside(checkpoint: str, name: str) -> str | None:
-  """`name` in the checkpoint folder or its parent (a CheckpointManager root)."""
-  for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
+  """`name` in the first of the checkpoint's side folders that holds it."""
+  for folder in side_folders(checkpoint):
     path = os.path.join(folder, name)
     if os.path.exists(path):
       return path
@@ -384,12 +412,13 @@ def resolve_checkpoint(checkpoint: str) -> str:
 def load_tokenizer_for(checkpoint: str, override: str | None = None):
   if override:
     return text_lib.load_tokenizer(override)
-  for folder in (checkpoint, os.path.dirname(os.path.abspath(checkpoint))):
+  for folder in side_folders(checkpoint):
     try:
       return text_lib.load_tokenizer(folder)
     except (ValueError, FileNotFoundError):
       continue
-  raise ValueError(f"no tokenizer found in {checkpoint} or its parent; pass --tokenizer")
+  raise ValueError(f"no tokenizer found in {checkpoint}, its files/ item or its parent; "
+                   "pass --tokenizer")
 
 
 def system_prompt_for(checkpoint: str) -> str | None:
