@@ -79,8 +79,12 @@ def _bomb_png(width=100_000, height=100_000) -> bytes:
 def served(loaded, tiny_tokenizer):
   """(server, engine, model, tokenizer, default settings) for the tiny LLaDA model."""
   _, model = loaded("lavida-llada")
+  # Only ids that are words: this random model would otherwise answer most image
+  # questions with stop or out-of-vocabulary ids (""), and equal answers prove little
+  silent = tuple(i for i in range(model.cfg.lm.vocab_size)
+                 if not tiny_tokenizer.decode([i]).strip() and i != model.cfg.lm.mask_id)
   cfg = SamplerConfig(gen_length=L, block_length=LB, steps=STEPS,
-                      mask_id=model.cfg.lm.mask_id)
+                      mask_id=model.cfg.lm.mask_id, forbid_ids=silent)
   defaults = engine_lib.Settings(cfg, "prefix")
   eng = engine_lib.Engine(model, tiny_tokenizer, None, max_batch=8, batch_window_ms=30,
                           max_queue=64)
@@ -131,7 +135,7 @@ def test_plain_and_image_answers_equal_generate(served, client):
                         ("how many shapes are there ?", _png((40, 30), 1))):
     ref = _reference(served, prompt, image)
     got = _ask(client, prompt, image)
-    assert got.choices[0].message.content == ref.text
+    assert ref.text and got.choices[0].message.content == ref.text
     assert got.usage.nfe == ref.nfe  # extra fields come through the client
     assert got.model == NAME and got.choices[0].finish_reason in ("stop", "length")
     assert got.usage.completion_tokens <= L
@@ -152,7 +156,7 @@ def test_stream_prints_the_answer_and_the_canvas_fills(served, client):
   whole = _ask(client, prompt, image).choices[0].message.content
   chunks = list(_ask(client, prompt, image, stream=True))
   text = "".join(c.choices[0].delta.content or "" for c in chunks)
-  assert text == whole
+  assert whole and text == whole
   canvases = [c.lavida for c in chunks if getattr(c, "lavida", None)]
   assert len(canvases) == STEPS  # one per step of the fixed decoder
   masked = [sum(t is None for t in c["tokens"]) for c in canvases]
@@ -170,7 +174,7 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(served, client):
     got = list(pool.map(lambda a: _ask(client, *a).choices[0].message.content,
                         zip(prompts, images)))
   for p, im, g in zip(prompts, images, got):
-    assert g == _reference(served, p, im).text
+    assert g and g == _reference(served, p, im).text
   count, total = _batches(served)
   assert total - before[1] == len(prompts) and count - before[0] < len(prompts)
 
@@ -283,3 +287,60 @@ def test_engine_pads_batches_to_compiled_sizes():
   assert engine_lib.batch_sizes(16) == [1, 2, 4, 8, 16]
   assert engine_lib.batch_sizes(12) == [1, 2, 4, 8, 12]
   assert engine_lib.batch_sizes(1) == [1]
+
+
+def _chromium():
+  import shutil
+  return shutil.which("chromium") and shutil.which("chromedriver")
+
+
+@pytest.mark.skipif(not _chromium(), reason="Debian's chromium and chromium-driver are not "
+                    "installed (.ci/run installs them)")
+def test_the_page_unmasks_the_answer_in_a_browser(served, client, tmp_path):
+  """Headless Chromium: pick an image, ask, watch the canvas; the page's final answer
+  equals the API's, and a screenshot is saved as a test artifact."""
+  import os
+  import shutil
+
+  from selenium import webdriver
+  from selenium.webdriver.chrome.service import Service
+  from selenium.webdriver.common.by import By
+  from selenium.webdriver.support.ui import WebDriverWait
+
+  image = _png((48, 36), 7)
+  path = tmp_path / "scene.png"
+  path.write_bytes(image)
+  question = "how many shapes are there ?"
+  expected = _ask(client, question, image).choices[0].message.content
+  assert expected  # (a test of something: this random model's answer is not empty)
+
+  options = webdriver.ChromeOptions()
+  options.binary_location = shutil.which("chromium")
+  for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+              "--window-size=1000,800"):
+    options.add_argument(arg)
+  driver = webdriver.Chrome(options=options, service=Service(shutil.which("chromedriver")))
+  try:
+    driver.get(served[0].url + "/")
+    driver.find_element(By.ID, "image").send_keys(str(path))
+    WebDriverWait(driver, 20).until(
+        lambda d: d.find_element(By.ID, "preview").get_attribute("src").startswith("data:"))
+    box = driver.find_element(By.ID, "question")
+    box.clear()
+    box.send_keys(question)
+    driver.find_element(By.ID, "send").click()
+    answer = driver.find_element(By.ID, "answer")
+    WebDriverWait(driver, 60).until(lambda d: answer.get_attribute("data-done") == "1"
+                                    or d.find_element(By.ID, "error").text)
+    assert driver.find_element(By.ID, "error").text == ""
+    assert answer.text == expected
+    tokens = driver.find_elements(By.CSS_SELECTOR, "#canvas .tok")
+    assert len(tokens) == L and not driver.find_elements(By.CSS_SELECTOR, "#canvas .mask")
+    assert f"step {STEPS}" in driver.find_element(By.ID, "status").text
+    folder = os.environ.get("LAVIDA_TEST_ARTIFACTS",
+                            os.path.join(os.path.dirname(__file__), "..", "test-artifacts"))
+    os.makedirs(folder, exist_ok=True)
+    shot = os.path.join(folder, "serve_page.png")
+    assert driver.save_screenshot(shot) and os.path.getsize(shot) > 1000
+  finally:
+    driver.quit()
