@@ -174,9 +174,10 @@ def hf_to_orbax(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
       nbytes += int(np.prod(shape)) * out.itemsize
     with staged_output(dst, overwrite, sources=(src,)) as tmp:
       _check_space(tmp, nbytes)
-      orbax_lib.write_params(os.path.join(tmp, orbax_lib.PARAMS_ITEM), leaves, chunk_bytes)
+      crcs = orbax_lib.write_params(os.path.join(tmp, orbax_lib.PARAMS_ITEM), leaves,
+                                    chunk_bytes)
       copy_side_files([src], tmp, os.path.join(src, "config.json"), dtype)
-      orbax_lib.write_meta(tmp, None, cfg.family)
+      orbax_lib.write_meta(tmp, None, cfg.family, crcs)
   return {"family": cfg.family, "parameters": len(leaves), "bytes": nbytes}
 
 
@@ -192,6 +193,7 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
   if dtype is not None and dtype not in DTYPE_NAMES:
     raise CheckpointError(f"unknown dtype {dtype!r}; expected one of {DTYPE_NAMES}")
   step = orbax_lib.find_step(src)
+  orbax_lib.verify_side_files(step)
   config_path = orbax_lib.find_beside(step, orbax_lib.CONFIG_FILE)
   raw = orbax_lib.read_config(step)
   meta = orbax_lib.params_metadata(step)
@@ -222,8 +224,8 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
   with staged_output(dst, overwrite, sources=(src,)) as tmp:
     _check_space(tmp, nbytes)
     index = export.write_safetensors(tmp, entries, produce, max_shard_bytes)
-    folders = [step, os.path.dirname(config_path)]
-    copy_side_files(folders, tmp, config_path, dtype)
+    copied = copy_side_files(orbax_lib.side_folders(step), tmp, config_path, dtype)
+    export.record_side_files(tmp, copied)
   return {"family": cfg.family, "tensors": len(entries), "bytes": nbytes,
           "shards": len(set(index["weight_map"].values()))}
 

@@ -8,6 +8,7 @@ in/out shardings and donation, and an Orbax CheckpointManager keeps the newest
   opt_state  optimizer state of the trained groups
   data       the grain iterator state (resume reproduces the next batches)
   meta       step, the PRNG key data, skip counts
+  files      config.json, tokenizer, generation.json, lavida_jax.json (checksums)
 A run resumes from the newest complete checkpoint; SIGTERM saves and exits.
 """
 from __future__ import annotations
@@ -30,7 +31,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lavida_jax import optimizer, sharding, text, train_step
-from lavida_jax.checkpoint import hf
+from lavida_jax.checkpoint import checksum, files_item, hf
+from lavida_jax.checkpoint import orbax as orbax_lib
 from lavida_jax.metrics import MetricWriter, Progress
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 
@@ -123,7 +125,12 @@ def merge_params(state) -> dict:
 # --- checkpoints -----------------------------------------------------------------------
 
 class Checkpoints:
-  """Orbax CheckpointManager over WORKDIR/checkpoints (async, keep-N, atomic)."""
+  """Orbax CheckpointManager over WORKDIR/checkpoints (async, keep-N, atomic).
+
+  Each step folder is self-contained: beside the array items, its `files` item holds
+  config.json, the tokenizer file, generation.json and lavida_jax.json with the CRC-32
+  of every array saved (checkpoint/files_item.py); restore verifies them.
+  """
 
   def __init__(self, workdir: str, keep: int, hf_config: dict | None, tokenizer_path=None,
                generation: dict | None = None):
@@ -131,19 +138,33 @@ class Checkpoints:
     self.root = root if "://" in root else os.path.abspath(root)  # gs://... stays a URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     self.manager = ocp.CheckpointManager(
-        self.root, item_names=("params", "opt_state", "data", "meta"), options=options)
-    if jax.process_index() == 0 and hf_config is not None:
-      # config.json and the tokenizer sit beside the step folders (checkpoint/orbax.py).
-      folder = epath.Path(self.root)  # a local folder or a bucket (gs:// needs gcsfs)
-      (folder / "config.json").write_text(json.dumps(hf_config, indent=1))
-      if tokenizer_path and os.path.isfile(tokenizer_path):
-        (folder / os.path.basename(tokenizer_path)).write_bytes(
-            epath.Path(tokenizer_path).read_bytes())
-      # how prompts were built (read by generate)
-      (folder / "generation.json").write_text(json.dumps(generation or {}))
+        self.root, item_names=("params", "opt_state", "data", "meta", "files"),
+        options=options)
+    self.family = (hf_config or {}).get("model_type", "")
+    self.side: dict[str, bytes] = {}  # the same in every step
+    if hf_config is not None:
+      self.side[orbax_lib.CONFIG_FILE] = json.dumps(hf_config, indent=1).encode()
+    if tokenizer_path and os.path.isfile(tokenizer_path):
+      self.side[os.path.basename(tokenizer_path)] = epath.Path(tokenizer_path).read_bytes()
+    self.side[orbax_lib.GENERATION_FILE] = json.dumps(generation or {}).encode()
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
+
+  def step_dir(self, step: int) -> str:
+    return os.path.join(self.root, str(step))
+
+  def files(self, state) -> dict[str, bytes]:
+    """The step's `files` item: the side files and lavida_jax.json with the checksums
+    of the params and optimizer state (arrays whole on this process; see
+    orbax.verify_arrays)."""
+    sums = {"algorithm": checksum.ALGORITHM,
+            "files": {n: checksum.of_bytes(b) for n, b in self.side.items()},
+            "params": tree_checksums(merge_params(state), orbax_lib.flatten),
+            "opt_state": tree_checksums(state["opt_state"], _keyed)}
+    meta = {"format": orbax_lib.FORMAT, "version": 1, "family": self.family,
+            "items": ["params", "opt_state", "data", "meta", "files"], "checksums": sums}
+    return {**self.side, orbax_lib.META_FILE: json.dumps(meta, indent=1).encode()}
 
   def save(self, state, data_state, extra: dict, force: bool = False) -> None:
     step = int(state["step"])
@@ -151,18 +172,28 @@ class Checkpoints:
     self.manager.save(step, force=force, args=ocp.args.Composite(
         params=ocp.args.StandardSave(merge_params(state)),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
-        data=ocp.args.JsonSave(all_processes(data_state)), meta=ocp.args.JsonSave(meta)))
+        data=ocp.args.JsonSave(all_processes(data_state)), meta=ocp.args.JsonSave(meta),
+        files=files_item.FilesSave(self.files(state))))
 
   def restore(self, step: int, state, shardings):
-    """Restores onto the shardings of the freshly built `state` (any mesh)."""
+    """Restores onto the shardings of the freshly built `state` (any mesh), verifying
+    the recorded checksums; a corrupt or truncated step is refused in one line."""
     abstract = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
     params_sh = {**shardings["frozen"], **shardings["params"]}
-    out = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract(merge_params(state), params_sh)),
-        opt_state=ocp.args.StandardRestore(abstract(state["opt_state"],
-                                                    shardings["opt_state"])),
-        data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    folder = self.step_dir(step)
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(
+          params=ocp.args.StandardRestore(abstract(merge_params(state), params_sh)),
+          opt_state=ocp.args.StandardRestore(abstract(state["opt_state"],
+                                                      shardings["opt_state"])),
+          data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      raise orbax_lib.diagnose(folder, e) from None
+    orbax_lib.verify_arrays(orbax_lib.flatten(out["params"]), orbax_lib.checksums(folder),
+                            "parameter", os.path.join(folder, "params"))
+    orbax_lib.verify_arrays(_keyed(out["opt_state"]), orbax_lib.checksums(folder, "opt_state"),
+                            "optimizer state", os.path.join(folder, "opt_state"))
     params = out["params"]
     key_data = np.asarray(out["meta"]["rng"], np.uint32)
     step, rng = jax.jit(  # (device_put of a local array onto a multi-process mesh is refused)
@@ -178,6 +209,18 @@ class Checkpoints:
 
   def close(self) -> None:
     self.manager.close()
+
+
+def _keyed(tree) -> dict:
+  """{key path: leaf} of any pytree (optax states: tuples and named tuples)."""
+  return {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def tree_checksums(tree, flatten_fn) -> dict[str, str]:
+  """{path: crc32} of the leaves whole on this process (a leaf sharded over processes
+  has no single holder of its bytes and gets none)."""
+  return {k: checksum.of_array(jax.device_get(x)) for k, x in flatten_fn(tree).items()
+          if getattr(x, "is_fully_addressable", True)}
 
 
 def gather_json(obj) -> list:

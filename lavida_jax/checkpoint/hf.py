@@ -357,8 +357,14 @@ def read_config(folder: str) -> dict:
   path = os.path.join(folder, "config.json")
   if not os.path.exists(path):
     raise CheckpointError(f"{folder} is not a Hugging Face checkpoint: no config.json")
-  with open(path) as f:
-    return json.load(f)
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is corrupt: {str(e)[:100]}") from None
+  if not isinstance(raw, dict):
+    raise CheckpointError(f"{path} is corrupt: a JSON {type(raw).__name__}, not an object")
+  return raw
 
 
 # --- loading ----------------------------------------------------------------------------

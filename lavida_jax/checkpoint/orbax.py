@@ -44,12 +44,17 @@ from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
 from lavida_jax import sharding as sharding_lib
-from lavida_jax.checkpoint.shards import CheckpointError
+from lavida_jax.checkpoint import checksum
+from lavida_jax.checkpoint.errors import CheckpointError
 
 PARAMS_ITEM = "params"
 CONFIG_FILE = "config.json"
 META_FILE = "lavida_jax.json"
 FORMAT = "lavida-jax-orbax"
+GENERATION_FILE = "generation.json"  # how prompts were built (system prompt), for generate
+# A training step's side files (config.json, tokenizer, generation.json, lavida_jax.json
+# with checksums) live in this item of the step folder: a step copied alone is complete.
+FILES_ITEM = "files"
 # Zarr chunks of at most this many bytes (split along the largest axes), so a
 # device restoring an FSDP/tensor shard reads little beyond its own shard.
 CHUNK_BYTES = 8 << 20
@@ -160,10 +165,25 @@ def _slabs(block: np.ndarray, index, store, stacked: bool):
     yield (*lead, slice(r, min(r + rows, block.shape[0]))), block[r:r + rows].copy()
 
 
+def _summed(leaf: Streamed, crc: checksum.Running) -> Streamed:
+  """`leaf` whose blocks also feed `crc` (in order: layer 0, 1, ... is C order)."""
+  def blocks():
+    for n, (index, block) in enumerate(leaf.blocks()):
+      if leaf.stacked and index != n:
+        raise CheckpointError(f"stacked parameter block {index} came as block {n}")
+      crc.update(block)
+      yield index, block
+  return dataclasses.replace(leaf, blocks=blocks)
+
+
 def write_params(directory: str, leaves: dict[str, Streamed], chunk_bytes: int = CHUNK_BYTES,
-                 inflight_bytes: int = INFLIGHT_BYTES):
-  """Saves {'a/b/c': Streamed} as the Orbax PyTree item `directory` (must not exist)."""
-  tree = unflatten(leaves)
+                 inflight_bytes: int = INFLIGHT_BYTES) -> dict[str, str]:
+  """Saves {'a/b/c': Streamed} as the Orbax PyTree item `directory` (must not exist).
+
+  Returns {'a/b/c': crc32} of every parameter's bytes as written.
+  """
+  crcs = {path: checksum.Running() for path in leaves}
+  tree = unflatten({path: _summed(leaf, crcs[path]) for path, leaf in leaves.items()})
   registry = ocp.type_handlers.create_type_handler_registry(
       (Streamed, _StreamedHandler(inflight_bytes)),
       (np.ndarray, ocp.type_handlers.NumpyHandler()),
@@ -172,6 +192,7 @@ def write_params(directory: str, leaves: dict[str, Streamed], chunk_bytes: int =
   save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_bytes), tree)
   with ocp.Checkpointer(handler) as ckptr:
     ckptr.save(os.path.abspath(directory), args=ocp.args.PyTreeSave(tree, save_args=save_args))
+  return {path: crc.hexdigest() for path, crc in crcs.items()}
 
 
 def save_model(model: nnx.Module, directory: str, hf_config: dict | None):
@@ -185,16 +206,27 @@ def save_model(model: nnx.Module, directory: str, hf_config: dict | None):
   os.makedirs(directory)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.abspath(os.path.join(directory, PARAMS_ITEM)), params)
-  write_meta(directory, hf_config, model.cfg.family)
+  crcs = {path: checksum.of_array(v) for path, v in flatten(params).items()}
+  write_meta(directory, hf_config, model.cfg.family, crcs)
 
 
-def write_meta(directory: str, hf_config: dict | None, family: str):
+def write_meta(directory: str, hf_config: dict | None, family: str,
+               params_crcs: dict[str, str] | None = None, extra_crcs: dict | None = None):
+  """config.json (unless None) and lavida_jax.json, which records the checksums of the
+  params (`params_crcs`, {path: crc}), of the side files now in `directory`
+  (config.json, tokenizer, generation.json) and any `extra_crcs` ({item: {key: crc}})."""
   if hf_config is not None:
     with open(os.path.join(directory, CONFIG_FILE), "w") as f:
       json.dump(hf_config, f, indent=2)
+  side = [n for n in sorted(os.listdir(directory)) if n != META_FILE
+          and os.path.isfile(os.path.join(directory, n))]
+  sums = {"algorithm": checksum.ALGORITHM, "files": checksum.of_files(directory, side)}
+  if params_crcs is not None:
+    sums[PARAMS_ITEM] = params_crcs
+  sums.update(extra_crcs or {})
   with open(os.path.join(directory, META_FILE), "w") as f:
-    json.dump({"format": FORMAT, "version": 1, "family": family, "items": [PARAMS_ITEM]}, f,
-              indent=2)
+    json.dump({"format": FORMAT, "version": 1, "family": family, "items": [PARAMS_ITEM],
+               "checksums": sums}, f, indent=1)
 
 
 def unflatten(flat: dict[str, object]) -> dict:
@@ -246,21 +278,70 @@ def find_step(path: str) -> str:
   return os.path.join(path, max(steps)[1])
 
 
+def side_folders(step: str) -> list[str]:
+  """Where a step's side files are looked up, first match wins: its `files/` item (a
+  training step), the step folder (a converted folder), and, for checkpoints written
+  before steps were self-contained, the parent (the CheckpointManager root)."""
+  return [os.path.join(step, FILES_ITEM), step, os.path.dirname(os.path.abspath(step))]
+
+
 def find_beside(step: str, name: str) -> str | None:
-  """`name` in the step folder, else in its parent (a training workdir)."""
-  for folder in (step, os.path.dirname(os.path.abspath(step))):
-    if os.path.exists(os.path.join(folder, name)):
+  """`name` among the step's side folders (see `side_folders`)."""
+  for folder in side_folders(step):
+    if os.path.isfile(os.path.join(folder, name)):
       return os.path.join(folder, name)
   return None
+
+
+def read_meta(step: str) -> dict:
+  """lavida_jax.json of a step ({} when there is none: an older checkpoint)."""
+  path = find_beside(step, META_FILE)
+  if path is None:
+    return {}
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    if not isinstance(meta, dict) or not isinstance(meta.get("checksums", {}), dict):
+      raise ValueError("not an object with a 'checksums' object")
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is corrupt: {str(e)[:100]}") from None
+  return meta
+
+
+def checksums(step: str, item: str = PARAMS_ITEM) -> dict[str, str]:
+  """{key: crc} recorded for an item of the step ({} when none were: older checkpoints)."""
+  sums = read_meta(step).get("checksums", {})
+  if sums and sums.get("algorithm") != checksum.ALGORITHM:
+    raise CheckpointError(f"{find_beside(step, META_FILE)}: unknown checksum algorithm "
+                          f"{sums.get('algorithm')!r}")
+  found = sums.get(item, {})
+  if not isinstance(found, dict):
+    raise CheckpointError(f"{find_beside(step, META_FILE)} is corrupt: checksums of {item}")
+  return found
+
+
+def verify_side_files(step: str) -> None:
+  """Every side file lavida_jax.json records (config, tokenizer, generation settings) has
+  its recorded checksum; refuses a changed or missing one, naming it."""
+  meta_path = find_beside(step, META_FILE)
+  for name, crc in checksums(step, "files").items():
+    path = os.path.join(os.path.dirname(meta_path), name)
+    if not os.path.isfile(path):
+      raise CheckpointError(f"Orbax checkpoint {step} is missing {name} (recorded in "
+                            f"{meta_path})")
+    checksum.check(f"file {name}", os.path.dirname(path), crc, checksum.of_file(path))
 
 
 def read_config(step: str) -> dict:
   path = find_beside(step, CONFIG_FILE)
   if path is None:
-    raise CheckpointError(f"Orbax checkpoint {step} has no {CONFIG_FILE} (looked in the step "
-                          "folder and its parent)")
-  with open(path) as f:
-    return json.load(f)
+    raise CheckpointError(f"Orbax checkpoint {step} has no {CONFIG_FILE} (looked in "
+                          f"{', '.join(side_folders(step))})")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is corrupt: {str(e)[:100]}") from None
 
 
 def params_metadata(step: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -268,11 +349,26 @@ def params_metadata(step: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
   directory = os.path.abspath(os.path.join(step, PARAMS_ITEM))
   try:
     meta = ocp.PyTreeCheckpointer().metadata(directory)
-  except (FileNotFoundError, ValueError, OSError) as e:
-    raise CheckpointError(f"cannot read Orbax metadata of {directory}: {e}") from e
-  tree = getattr(meta, "item_metadata", meta)
-  tree = getattr(tree, "tree", tree)
-  return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten(tree).items()}
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    return {path: (tuple(m.shape), np.dtype(m.dtype)) for path, m in flatten(tree).items()}
+  except Exception as e:  # pylint: disable=broad-except
+    # A corrupt _METADATA surfaces as KeyError, AttributeError, JSON errors, ...
+    raise CheckpointError(f"cannot read the Orbax metadata of {directory}: a file there is "
+                          f"truncated or corrupt ({_short(e)})") from None
+
+
+def _short(e: BaseException) -> str:
+  """An exception as one short line (tensorstore's messages run to pages): the
+  innermost cause's first sentence."""
+  while e.__cause__ is not None or e.__context__ is not None:
+    e = e.__cause__ or e.__context__
+  first = (str(e).strip().splitlines() or [""])[0].split(". See full TensorStore")[0]
+  first = first.split(" [tensorstore_spec=")[0]
+  status = re.match(r"([A-Z_]+): ", first)  # tensorstore: 'STATUS: where: where: what'
+  if status:
+    first = f"{status.group(1)}: {first.rsplit(': ', 1)[-1]}"
+  return f"{type(e).__name__}: {first[:160]}"
 
 
 class ParamReader:
@@ -285,6 +381,11 @@ class ParamReader:
     self._zarr3 = _uses_zarr3(self.directory)
     self._context = ocp.type_handlers.get_ts_context(use_ocdbt=self._ocdbt)
     self._open: dict[str, object] = {}
+    self.step = step
+    self.crcs = checksums(step)
+    verify_arrays({}, {k: v for k, v in self.crcs.items() if k not in self.meta}, "parameter",
+                  str(self.directory))
+    self._running: dict[str, tuple[int, checksum.Running]] = {}
 
   def _store(self, path: str):
     if path not in self._open:
@@ -297,7 +398,32 @@ class ParamReader:
     return self._open[path]
 
   def read(self, path: str, index=()) -> np.ndarray:
-    return np.asarray(self._store(path)[index].read().result())
+    """One parameter (index ()) or one layer of a stacked one (index i). Read whole, or
+    layer by layer from 0 up, its checksum is verified when its last byte is read."""
+    try:
+      out = np.asarray(self._store(path)[index].read().result())
+    except Exception as e:  # pylint: disable=broad-except
+      raise unreadable(self.step, path, e) from None
+    if path in self.crcs:
+      shape = self.meta[path][0]
+      if index == ():
+        checksum.check(f"parameter {path}", self.directory, self.crcs[path],
+                       checksum.of_array(out))
+      elif isinstance(index, int):
+        n, crc = self._running.get(path, (0, checksum.Running()))
+        if index == n:  # in order: layer n follows layers 0..n-1 in C order
+          crc.update(out)
+          self._running[path] = (n + 1, crc)
+          if n + 1 == shape[0]:
+            checksum.check(f"parameter {path}", self.directory, self.crcs[path],
+                           crc.hexdigest())
+    return out
+
+
+def unreadable(step: str, path: str, e: BaseException) -> CheckpointError:
+  return CheckpointError(f"Orbax parameter {path} cannot be read from "
+                         f"{os.path.join(step, PARAMS_ITEM)}, a truncated or corrupt file "
+                         f"({_short(e)})")
 
 
 def _uses_zarr3(directory: epath.Path) -> bool:
@@ -309,12 +435,53 @@ def _uses_zarr3(directory: epath.Path) -> bool:
 
 
 def restore_params(step: str, target: dict) -> dict:
-  """Restores the params item onto the shardings of `target` (jax.ShapeDtypeStruct leaves)."""
+  """Restores the params item onto the shardings of `target` (jax.ShapeDtypeStruct
+  leaves in the stored dtypes), verifying every recorded checksum; an unreadable or
+  corrupt parameter is refused in one line naming it."""
   directory = os.path.abspath(os.path.join(step, PARAMS_ITEM))
   restore_args = ocp.checkpoint_utils.construct_restore_args(target)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=False))
+  try:
+    with ocp.PyTreeCheckpointer() as ckptr:
+      out = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+          item=target, restore_args=restore_args, partial_restore=False))
+  except Exception as e:  # pylint: disable=broad-except
+    raise diagnose(step, e) from None
+  verify_arrays(flatten(out), checksums(step), "parameter", directory)
+  return out
+
+
+def verify_arrays(arrays: dict, crcs: dict[str, str], what: str, where: str) -> int:
+  """Checks each array that has a recorded checksum and is whole on this process;
+  returns how many were checked. (An array sharded over processes is skipped: no
+  process holds its bytes.) A recorded key that names no array means the record
+  itself is damaged: refused."""
+  unknown = sorted(set(crcs) - set(arrays))
+  if unknown:
+    raise CheckpointError(f"the checksums of {where} name {what} {unknown[0]}, which it does "
+                          "not hold (a corrupt lavida_jax.json)")
+  n = 0
+  for path, x in arrays.items():
+    if path in crcs and getattr(x, "is_fully_addressable", True):
+      checksum.check(f"{what} {path}", where, crcs[path], checksum.of_array(jax.device_get(x)))
+      n += 1
+  return n
+
+
+def diagnose(step: str, e: BaseException) -> CheckpointError:
+  """A failed restore -> one line naming the parameter: the one the message names
+  (tensorstore spells 'a/b' as 'a.b'), else the first that fails to read alone."""
+  meta = params_metadata(step)
+  message = str(e)
+  for path in sorted(meta, key=len, reverse=True):
+    if re.search(re.escape(path.replace("/", ".")) + r"\b", message):
+      return unreadable(step, path, e)
+  reader = ParamReader(step)
+  for path in meta:
+    try:
+      reader.read(path)
+    except CheckpointError as found:
+      return found
+  return CheckpointError(f"Orbax checkpoint {step} cannot be restored: {_short(e)}")
 
 
 def load_orbax(path: str, dtype="float32", mesh=None, rules=sharding_lib.DEFAULT_RULES,
@@ -332,6 +499,7 @@ def load_orbax(path: str, dtype="float32", mesh=None, rules=sharding_lib.DEFAULT
 
   dtype = jnp.dtype(dtype)
   step = find_step(path)
+  verify_side_files(step)
   raw = read_config(step)
   meta = params_metadata(step)
   cfg = hf.config_from_hf(raw, where=step, **config_overrides)
@@ -346,10 +514,14 @@ def load_orbax(path: str, dtype="float32", mesh=None, rules=sharding_lib.DEFAULT
   flat = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(abstract)}
   check_params(meta, {k: v.shape for k, v in flat.items()}, step)
   device = SingleDeviceSharding(jax.devices()[0])
+  # Restored in the stored dtypes (the checksums are of those bytes), then cast.
   target = unflatten({
-      k: jax.ShapeDtypeStruct(v.shape, dtype, sharding=named[k] if mesh is not None else device)
+      k: jax.ShapeDtypeStruct(v.shape, meta[k][1],
+                              sharding=named[k] if mesh is not None else device)
       for k, v in flat.items()})
   values = flatten(restore_params(step, target))
+  for k in list(values):  # one leaf at a time in both dtypes, not the whole model
+    values[k] = values.pop(k).astype(dtype)
   if cfg.reference_compat:  # the reference keeps the newline in bf16 (SPEC §13)
     values["image_newline"] = values["image_newline"].astype(jnp.bfloat16).astype(dtype)
   state = nnx.map_state(lambda p, v: v.replace(values["/".join(map(str, p))]), abstract)
