@@ -16,6 +16,7 @@ loglikelihood: LLaDA's Monte Carlo ELBO (`likelihood.Scorer`, `mc_num` samples).
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import jax
@@ -150,6 +151,7 @@ class LavidaJax(lmms):
                 avg_speed=tokens / wall if wall > 0 else 0.0,
                 additional_metrics={f"{task}/{k}": v for k, v in speed.items()})
     if self.speed_log:
+      os.makedirs(os.path.dirname(os.path.abspath(self.speed_log)), exist_ok=True)
       with open(self.speed_log, "a") as f:
         f.write(json.dumps({"task": task, "n": n, "errors": n - len(results), **speed,
                             "gen_length": cfg.gen_length, "block_length": cfg.block_length,
