@@ -216,3 +216,50 @@ def test_lmms_eval_cli_matches_lavida_evaluate(reference_checkpoint, loaded, tin
       assert speed[task]["nfe"] == metrics["nfe"]  # L one-token steps + the prefill
       assert results["throughput"][f"avg_{task}/nfe"] == metrics["nfe"]
       assert results["throughput"][f"avg_{task}/tokens_per_forward"] == 1.0
+
+
+# --- the papers' shipped configs -----------------------------------------------------------
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "configs", "lmms_eval")
+RUN_KEYS = {"model", "model_args", "tasks", "gen_kwargs", "batch_size", "log_samples",
+            "output_path"}
+
+
+@pytest.mark.parametrize("name", ["lavida_llada", "lavida_dream", "llada_v"])
+def test_paper_configs_name_stock_tasks_and_resolve(name):
+  """Every run of a shipped --config names tasks that stock lmms-eval 0.7.3 defines and
+  generation kwargs our model reads, with the papers' canvas, steps and cache."""
+  lmms_eval = pytest.importorskip("lmms_eval")
+  import re
+
+  import yaml
+  from lmms_eval.utils import simple_parse_args_string
+
+  defined = set()
+  for path in glob.glob(os.path.join(os.path.dirname(lmms_eval.__file__), "tasks", "**",
+                                     "*.yaml"), recursive=True):
+    with open(path, errors="replace") as f:
+      defined.update(re.findall(r"^(?:task|group):\s*\"?([\w-]+)\"?\s*$", f.read(), re.M))
+  with open(os.path.join(CONFIGS, f"{name}.yaml")) as f:
+    runs = yaml.safe_load(f)
+  seen = {}
+  for run in runs:
+    assert set(run) <= RUN_KEYS and run["model"] == "lavida_jax" and run["batch_size"] == 1
+    args = simple_parse_args_string(run["model_args"])
+    assert args["checkpoint"] and args["dtype"] == "bfloat16"
+    base = settings.decoding_from_args({k: v for k, v in args.items()
+                                        if k in settings.Decoding.__dataclass_fields__})
+    cfg, cache, _, unknown = settings.resolve(simple_parse_args_string(run["gen_kwargs"]),
+                                              base, 126336)
+    assert unknown == []
+    for task in run["tasks"].split(","):
+      assert task in defined, task
+      seen[task] = (cfg.gen_length, cfg.block_length, cfg.steps, cache, cfg.confidence)
+  if name == "lavida_llada":  # run.sh's typo: Full-DLM, one token per step
+    assert seen["mmmu_val"] == (16, 16, 16, "none", "low_confidence")
+    assert seen["coco2017_cap_val_lite"] == (32, 32, 16, "prefix", "low_confidence")
+  if name == "lavida_dream":
+    assert seen["mathvista_testmini_format"] == (100, 100, 100, "prefix", "margin")
+  if name == "llada_v":
+    assert seen["mmmu_val"] == (2, 2, 2, "none", "low_confidence")
+    assert seen["mathvista_testmini"] == (96, 48, 96, "none", "low_confidence")
