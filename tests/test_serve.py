@@ -344,3 +344,45 @@ def test_the_page_unmasks_the_answer_in_a_browser(served, client, tmp_path):
     assert driver.save_screenshot(shot) and os.path.getsize(shot) > 1000
   finally:
     driver.quit()
+
+
+def test_the_cli_warms_up_serves_and_stops(reference_checkpoint, tiny_tokenizer, tmp_path):
+  """python -m lavida_jax.serve (a subprocess, --port=0): it prints its warm-up and
+  address, answers as `generate` does, and shuts down on SIGINT."""
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  import lavida_jax
+
+  _, folder = reference_checkpoint("lavida-llada")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "lavida_jax.serve", f"--checkpoint={folder}", "--port=0",
+       f"--tokenizer={tiny_tokenizer.name}", "--gen_length=8", "--block_length=4",
+       "--steps=4", "--max_batch=2", "--warmup_tokens=0", f"--log_file={tmp_path}/log",
+       "--served_model_name=tiny"],
+      cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  try:
+    lines = []
+    for line in proc.stdout:
+      lines.append(line)
+      if line.startswith("serving"):
+        break
+    out = "".join(lines)
+    assert "warmed 2 batch sizes (1, 2)" in out and "serving tiny on http://" in out, (
+        out + proc.stderr.read() if proc.poll() is not None else out)
+    url = out.split("on ")[-1].split()[0]
+    got = openai.OpenAI(base_url=url + "/v1", api_key="none").chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "a red square"}])
+    model = lavida_jax.load_pretrained(folder)
+    cfg = SamplerConfig(gen_length=8, block_length=4, steps=4, mask_id=model.cfg.lm.mask_id)
+    want = generate.Generator(model, tiny_tokenizer, cfg, "prefix")(
+        [generate.Request("a red square")])[0]
+    assert got.choices[0].message.content == want.text and got.usage.nfe == want.nfe
+  finally:
+    proc.send_signal(signal.SIGINT)  # uvicorn shuts down, then re-raises the signal
+    assert proc.wait(timeout=30) == 0
+  assert "Traceback" not in proc.stderr.read()

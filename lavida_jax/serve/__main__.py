@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 
 from absl import app, flags
@@ -89,8 +88,11 @@ def main(argv):
   _announce(server, name)
   try:
     server.run()
+  except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+    pass
   finally:
     eng.close()
+  print("stopped", flush=True)
 
 
 def warm_buckets(model, text_tokens: int) -> list[int]:
