@@ -263,3 +263,55 @@ def test_paper_configs_name_stock_tasks_and_resolve(name):
   if name == "llada_v":
     assert seen["mmmu_val"] == (2, 2, 2, "none", "low_confidence")
     assert seen["mathvista_testmini"] == (96, 48, 96, "none", "low_confidence")
+
+
+# --- the model class in process --------------------------------------------------------------
+
+def _instances(kind, rows, gen_kwargs=None):
+  from lmms_eval.api.instance import Instance
+  out = []
+  for i, (context, extra) in enumerate(rows):
+    args = ((context, gen_kwargs, lambda d: d["images"], i, "t", "test") if kind == "generate_until"
+            else (context, extra, lambda d: d["images"], i, "t", "test"))
+    out.append(Instance(kind, args, i, {"task": "t", "doc_id": i, "repeats": 1}))
+  return out
+
+
+def test_model_batches_ragged_prompts_on_a_mesh_and_scores_choices(reference_checkpoint,
+                                                                  tiny_tokenizer, tmp_path):
+  """Batch 3 on a 1x4x2 mesh answers as batch 1 on one device (ragged prompts, one
+  text-only), `until` cuts, a two-image doc gets its one-line error and the rest go on;
+  loglikelihood of a 1-token choice equals the Scorer's and repeats under the seed."""
+  pytest.importorskip("lmms_eval")
+  from PIL import Image
+
+  from lavida_jax.lmms.model import LavidaJax
+  _, folder = reference_checkpoint("lavida-llada")
+  img = Image.new("RGB", (40, 30), (200, 10, 10))
+  docs = [{"images": [img]}, {"images": []}, {"images": [img]}, {"images": [img, img]}]
+  rows = [("what colour is the circle", None), ("how many shapes", None),
+          ("what colour is the square and the triangle of the circle", None), ("two", None)]
+  kw = {"max_new_tokens": 4, "block_length": 4, "steps": 4}
+
+  def run(**model_args):
+    m = LavidaJax(checkpoint=folder, tokenizer=tiny_tokenizer.name, warmup=False, **model_args)
+    m.task_dict = {"t": {"test": docs}}
+    return m, [r.text for r in m.generate_until(_instances("generate_until", rows, kw))]
+
+  one, single = run(batch_size=1)
+  _, meshed = run(batch_size=3, mesh="1x4x2")
+  assert meshed == single and single[3] == ""  # the two-image doc: an error, no answer
+  assert any(single[:3])
+  until = single[0].split()[0] if single[0] else "zzz"
+  cut = [r.text for r in one.generate_until(_instances("generate_until", rows,
+                                                        {**kw, "until": [until]}))]
+  assert cut[0] == single[0].split(until, 1)[0].strip()
+
+  scores = one.loglikelihood(_instances("loglikelihood", [("what colour", "red"),
+                                                           ("what colour", "blue")]))
+  again = one.loglikelihood(_instances("loglikelihood", [("what colour", "red")]))
+  assert scores[0][0] == again[0][0] and scores[0][0] != scores[1][0]
+  assert all(s < 0 and g is False for s, g in scores)
+  direct = one.scorer(one.scorer.prefix(generate.Request("what colour", img)), "red",
+                      jax.random.fold_in(jax.random.key(0), 0))
+  assert scores[0][0] == pytest.approx(direct, abs=1e-6)

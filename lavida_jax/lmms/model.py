@@ -109,8 +109,9 @@ class LavidaJax(lmms):
         reqs[i] = self._request(requests[i].args[0], *requests[i].args[2:])
       except ValueError as err:
         results[i] = generate.Result("", [], 0, 0.0, error=str(err))
-    for i, res in zip(reqs, evaluate.run_generation(gen, list(reqs.values()), len(reqs))):
-      results[i] = res
+    if reqs:
+      for i, res in zip(reqs, evaluate.run_generation(gen, list(reqs.values()), len(reqs))):
+        results[i] = res
     return [results[i] for i in chunk]
 
   def generate_until(self, requests) -> list:
