@@ -138,6 +138,21 @@ def pack_prompts(model: LaViDa, prompts, length: int,
   return out
 
 
+def check_context(model: LaViDa, prompts, gen_length: int) -> None:
+  """Refuses a prompt + canvas longer than the model's context (`LMConfig.max_length`,
+  config.json's max_sequence_length: 4096 for LLaDA), naming the lengths: past it the
+  model answers nothing useful (RoPE positions it never saw)."""
+  limit = model.cfg.lm.max_length
+  for b, (ids, images) in enumerate(prompts):
+    n = prompt_length(model, ids, images)
+    if limit is not None and n + gen_length > limit:
+      image = n - (len(ids) - sum(i == IMAGE_TOKEN_ID for i in ids))
+      which = f"request {b}: " if len(prompts) > 1 else ""
+      raise ValueError(f"{which}prompt of {n} tokens ({n - image} text + {image} image) + "
+                       f"canvas of {gen_length} = {n + gen_length} tokens exceeds the model's "
+                       f"context of {limit}")
+
+
 def prompt_length(model: LaViDa, ids, images) -> int:
   """Tokens of a prompt with its image expanded."""
   return (len(ids) - sum(i == IMAGE_TOKEN_ID for i in ids)
@@ -337,6 +352,7 @@ class Generator:
     [B]: the row's forward passes, its prefill included). `length`: the prompt bucket
     (default: the smallest that holds the longest prompt); `views`: image views per
     row (default: the batch's most). Both are compiled shapes."""
+    check_context(self.model, prompts, canvas0.shape[1])
     length = length or bucket(max(prompt_length(self.model, *p) for p in prompts))
     counts = sampler_lib.transfer_schedule(canvas0, self.cfg)
     rng = jax.random.key(0) if rng is None else rng

@@ -247,7 +247,8 @@ def config_from_hf(raw: dict, ckpt: Checkpoint | None = None, where: str = "chec
         mlp_dim=raw.get("mlp_hidden_size") or need("mlp_ratio") * need("d_model"),
         vocab_size=raw.get("embedding_size") or need("vocab_size"),
         rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=raw.get("rms_norm_eps", 1e-5),
-        mask_id=raw.get("mask_token_id", 126336), eos_id=raw.get("eos_token_id", 126081))
+        mask_id=raw.get("mask_token_id", 126336), eos_id=raw.get("eos_token_id", 126081),
+        max_length=raw.get("max_sequence_length", 4096))
   else:
     make = LMConfig.dream_7b if family == "lavida-dream" else LMConfig.llada_8b
     n_heads = need("num_attention_heads")
@@ -258,7 +259,12 @@ def config_from_hf(raw: dict, ckpt: Checkpoint | None = None, where: str = "chec
         mlp_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
         rope_theta=float(raw.get("rope_theta", 10000.0)), norm_eps=need("rms_norm_eps"),
         **({"mask_id": raw["mask_token_id"]} if raw.get("mask_token_id") is not None else {}),
-        **({"eos_id": raw["eos_token_id"]} if isinstance(raw.get("eos_token_id"), int) else {}))
+        **({"eos_id": raw["eos_token_id"]} if isinstance(raw.get("eos_token_id"), int) else {}),
+        **({"max_length": raw["max_position_embeddings"]}
+           if raw.get("max_position_embeddings") is not None else {}))
+  if lm.max_length is not None and (type(lm.max_length) is not int or lm.max_length < 1):
+    raise CheckpointError(f"{where}: config.json's context length {lm.max_length!r} is not a "
+                          "positive integer")
   if ckpt is not None:  # the input embedding may be narrower than the head (SPEC §13)
     embed_key = [r for r in KEY_TABLES[family] if r[1] == "lm/embed"][0][0]
     if embed_key in ckpt and ckpt.shape(embed_key)[0] != lm.vocab_size:
@@ -337,7 +343,7 @@ def config_to_hf(cfg: LaViDaConfig) -> dict:
         layer_norm_type="rms", activation_type="silu", block_type="llama",
         include_bias=False, include_qkv_bias=False, alibi=False, weight_tying=False,
         mask_token_id=lm.mask_id, eos_token_id=lm.eos_id, pad_token_id=lm.eos_id,
-        max_sequence_length=4096, **mm)
+        max_sequence_length=lm.max_length or 4096, **mm)
   common = dict(
       hidden_size=lm.d_model, num_attention_heads=lm.n_heads,
       num_key_value_heads=lm.n_kv_heads, num_hidden_layers=lm.n_layers,
@@ -347,9 +353,10 @@ def config_to_hf(cfg: LaViDaConfig) -> dict:
       **({"head_dim": lm.head_dim} if lm.head_dim * lm.n_heads != lm.d_model else {}))
   if cfg.family == "lavida-dream":
     return dict(model_type="llava_dream", architectures=["LlavaDreamForMaskedDiffusion"],
-                max_position_embeddings=131072, **common, **mm)
+                max_position_embeddings=lm.max_length or 131072, **common, **mm)
   return dict(model_type="llava_llada", architectures=["LlavaLLaDAModelLM"],
-              attention_bias=False, mlp_bias=False, max_position_embeddings=8192,
+              attention_bias=False, mlp_bias=False,
+              max_position_embeddings=lm.max_length or 8192,
               **common, **mm)
 
 

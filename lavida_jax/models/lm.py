@@ -39,6 +39,9 @@ class LMConfig:
   mask_id: int
   eos_id: int
   embed_vocab_size: int | None = None  # input embedding rows, if != vocab_size
+  # The context: prompt (text + image tokens) + canvas positions the model was trained
+  # for (config.json max_sequence_length / max_position_embeddings); None: no limit.
+  max_length: int | None = None
   remat: str = "none"
   attention_impl: str | None = None
 
@@ -51,14 +54,16 @@ class LMConfig:
     return cls(**{**dict(family="llada", vocab_size=126464, d_model=4096, n_layers=32,
                          n_heads=32, n_kv_heads=32, head_dim=128, mlp_dim=12288,
                          rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
-                         shifted_logits=False, mask_id=126336, eos_id=126081), **kw})
+                         shifted_logits=False, mask_id=126336, eos_id=126081,
+                         max_length=4096), **kw})
 
   @classmethod
   def dream_7b(cls, **kw) -> "LMConfig":
     return cls(**{**dict(family="dream", vocab_size=152064, d_model=3584, n_layers=28,
                          n_heads=28, n_kv_heads=4, head_dim=128, mlp_dim=18944,
                          rope_theta=1e6, norm_eps=1e-6, qkv_bias=True,
-                         shifted_logits=True, mask_id=151666, eos_id=151643), **kw})
+                         shifted_logits=True, mask_id=151666, eos_id=151643,
+                         max_length=131072), **kw})
 
   @classmethod
   def tiny_llada(cls, **kw) -> "LMConfig":
