@@ -110,7 +110,12 @@ class LavidaJax(lmms):
       except ValueError as err:
         results[i] = generate.Result("", [], 0, 0.0, error=str(err))
     if reqs:
-      for i, res in zip(reqs, evaluate.run_generation(gen, list(reqs.values()), len(reqs))):
+      batch = list(reqs.values())
+      # A short batch (the last, or one with failed requests) is padded with copies of
+      # its last request to the batch size: one compiled shape per setting, and a
+      # row's answer does not depend on its batch-mates.
+      batch += batch[-1:] * (self.batch_size_per_gpu - len(batch))
+      for i, res in zip(reqs, evaluate.run_generation(gen, batch, len(batch))):
         results[i] = res
     return [results[i] for i in chunk]
 
