@@ -151,18 +151,18 @@ def create_app(eng: engine_lib.Engine, defaults: engine_lib.Settings, model_name
       raise ClientError(404, f"model {req.model!r} not found; this server serves "
                         f"{model_name!r}", "invalid_request_error", "model_not_found", "model")
     settings = _settings(req, defaults, limits)
-    job = await run_in_threadpool(_job, req, settings, eng, limits)
-    prompt_tokens = generate.prompt_length(model, *job.prompt)
     rid, loop = f"chatcmpl-{uuid.uuid4().hex[:24]}", asyncio.get_running_loop()
-    events: asyncio.Queue | None = None
-    if req.stream:
-      events = asyncio.Queue()
-      job.on_step = lambda canvas, step: loop.call_soon_threadsafe(
-          events.put_nowait, (canvas, step))
-    try:
-      future = eng.submit(job)
-    except engine_lib.QueueFull as e:
-      raise ClientError(429, str(e), "rate_limit_error", "queue_full") from None
+    events: asyncio.Queue | None = asyncio.Queue() if req.stream else None
+    with eng.arriving():  # (submitted inside: the worker waits for it meanwhile)
+      job = await run_in_threadpool(_job, req, settings, eng, limits)
+      if req.stream:
+        job.on_step = lambda canvas, step: loop.call_soon_threadsafe(
+            events.put_nowait, (canvas, step))
+      try:
+        future = eng.submit(job)
+      except engine_lib.QueueFull as e:
+        raise ClientError(429, str(e), "rate_limit_error", "queue_full") from None
+    prompt_tokens = generate.prompt_length(model, *job.prompt)
 
     def usage(ids, nfe, seconds) -> schema.Usage:
       n = len(sampler_lib.stop_at(list(ids), stops))

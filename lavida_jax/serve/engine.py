@@ -1,8 +1,10 @@
 """Dynamic batching of generation requests onto compiled programs (issue 13).
 
 One worker thread owns the device. Requests wait in a bounded queue; the worker
-takes the oldest, waits up to `batch_window_ms` for more with the same sampler
-settings and prompt bucket, and runs them as one batch padded to a power of two
+takes the oldest with every waiting request of the same sampler settings and
+prompt bucket and, while other requests are still being read and prepared
+(`arriving`), waits up to `batch_window_ms` for them; it runs them as one batch
+padded to a power of two
 (one compiled program per settings x bucket x batch size, the default settings'
 warmed at start-up). Rows of a batch never influence each other (left padding,
 per-row masks, per-row PRNG keys), so a request's answer does not depend on who
@@ -94,6 +96,7 @@ class Engine:
     self._rows: list[Job | None] = []  # the running streaming batch's rows
     self._stop = False
     self._open = True  # False while `paused`
+    self._arriving = 0  # requests received but not yet submitted
     self._thread = threading.Thread(target=self._work, name="lavida-engine", daemon=True)
     self._thread.start()
 
@@ -123,6 +126,20 @@ class Engine:
     return time.perf_counter() - t0
 
   # --- requests ---------------------------------------------------------------
+
+  @contextlib.contextmanager
+  def arriving(self):
+    """Around a request's host work before `submit`: the worker waits for it (up to
+    the batch window) instead of starting a batch without it. A lone request is
+    not kept waiting."""
+    with self._cv:
+      self._arriving += 1
+    try:
+      yield
+    finally:
+      with self._cv:
+        self._arriving -= 1
+        self._cv.notify()
 
   def submit(self, job: Job) -> concurrent.futures.Future:
     with self._cv:
@@ -173,7 +190,7 @@ class Engine:
             self._queue.remove(job)
             batch.append(job)
         left = until - time.monotonic()
-        if len(batch) == self.max_batch or left <= 0:
+        if len(batch) == self.max_batch or left <= 0 or not self._arriving:
           break
         self._cv.wait(left)
       return batch
