@@ -70,7 +70,7 @@ class LavidaJax(lmms):
       raise ValueError(f"unknown model_args for lavida_jax: {', '.join(sorted(kwargs))}")
     path = generate.resolve_checkpoint(checkpoint)
     self.model = lavida_jax.load_pretrained(path, dtype=dtype, mesh=_mesh(mesh),
-                                            reference_compat=str(reference_compat) == "True")
+                                            reference_compat=settings.as_bool(reference_compat))
     self.tokenizer = generate.load_tokenizer_for(path, tokenizer)
     if system_prompt is None:
       self.system_prompt = generate.system_prompt_for(path)
@@ -82,7 +82,7 @@ class LavidaJax(lmms):
     self.scorer = likelihood.Scorer(self.model, self.tokenizer, self.system_prompt,
                                     int(mc_num), int(mc_batch))
     self.seed, self.speed_log = int(seed), speed_log
-    self.warmup = str(warmup) in ("True", "true", "1")
+    self.warmup = settings.as_bool(warmup)
     self._generators = {}
 
   # --- generation -----------------------------------------------------------------------

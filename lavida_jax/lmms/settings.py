@@ -57,7 +57,7 @@ def decoding_from_args(args: dict) -> Decoding:
   return Decoding(**out)
 
 
-def _bool(v) -> bool:
+def as_bool(v) -> bool:
   if isinstance(v, str):
     if v.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
       raise ValueError(f"expected a boolean, got {v!r}")
@@ -95,7 +95,7 @@ def resolve(gen_kwargs: dict, base: Decoding, mask_id: int):
     per_block = max(int(per_block * float(ratio)), 1)  # LaViDa: int(steps * step_ratio)
   cache = kw.pop("cache", base.cache)
   if "prefix_lm" in kw:
-    cache = "prefix" if _bool(kw.pop("prefix_lm")) else "none"
+    cache = "prefix" if as_bool(kw.pop("prefix_lm")) else "none"
   if cache not in CACHE_NAMES:
     raise ValueError(f"unknown cache {cache!r}; expected one of {', '.join(CACHE_NAMES)}")
   confidence = kw.pop("confidence", base.confidence)
