@@ -29,7 +29,8 @@ flags.DEFINE_string("allow_media_dir", None, "Local image paths are read only in
 flags.DEFINE_integer("max_image_bytes", 20 << 20, "Encoded image size cap.")
 flags.DEFINE_integer("max_image_pixels", 40_000_000, "Decoded image size cap (bombs).")
 flags.DEFINE_integer("max_tokens", 1024, "Cap on a request's max_tokens (canvas length).")
-flags.DEFINE_integer("max_context", 4096, "Prompt (images expanded) + canvas cap.")
+flags.DEFINE_integer("max_context", 0, "Prompt (images expanded) + canvas cap below the "
+                     "model's own context (0: the model's, config.json's).")
 flags.DEFINE_string("served_model_name", None, "Model id in the API (default: the "
                     "checkpoint's folder or hub name).")
 flags.DEFINE_string("tokenizer", None, "Tokenizer file/folder (default: beside the checkpoint).")
@@ -78,7 +79,7 @@ def main(argv):
     print(f"warmed {len(eng.sizes)} batch sizes ({', '.join(map(str, eng.sizes))}) x "
           f"prompt buckets {', '.join(map(str, buckets))} in {seconds:.1f} s", flush=True)
   limits = app_lib.Limits(
-      max_tokens=FLAGS.max_tokens, max_context=FLAGS.max_context,
+      max_tokens=FLAGS.max_tokens, max_context=FLAGS.max_context or None,
       max_image_bytes=FLAGS.max_image_bytes, max_image_pixels=FLAGS.max_image_pixels,
       request_timeout_s=FLAGS.request_timeout_s, media_dir=FLAGS.allow_media_dir)
   api = app_lib.create_app(eng, defaults, name, limits)

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Limits:
   max_tokens: int = 1024  # canvas length cap
-  max_context: int = 4096  # prompt (images expanded) + canvas
+  max_context: int | None = None  # prompt + canvas, below the model's own context
   max_image_bytes: int = 20 << 20
   max_image_pixels: int = 40_000_000
   request_timeout_s: float = 600.0
@@ -314,11 +314,15 @@ def _job(req: schema.ChatRequest, settings: engine_lib.Settings, eng: engine_lib
     raise ClientError(400, str(e), param="messages") from None
   cfg = settings.sampler
   n = generate.prompt_length(eng.model, *prompt)
-  if n + cfg.gen_length > limits.max_context:
-    raise ClientError(400, f"prompt of {n} tokens (images expanded) + max_tokens "
-                      f"{cfg.gen_length} exceeds the model's context of "
-                      f"{limits.max_context} tokens", "invalid_request_error",
-                      "context_length_exceeded", "messages")
+  try:
+    generate.check_context(eng.model, [prompt], cfg.gen_length)
+    if limits.max_context and n + cfg.gen_length > limits.max_context:
+      raise ValueError(f"prompt of {n} tokens (images expanded) + max_tokens "
+                       f"{cfg.gen_length} exceeds the server's context cap of "
+                       f"{limits.max_context} tokens")
+  except ValueError as e:
+    raise ClientError(400, str(e), "invalid_request_error", "context_length_exceeded",
+                      "messages") from None
   canvas = np.full((cfg.gen_length,), cfg.mask_id, np.int32)
   if req.draft is not None:
     ids = eng.tokenizer.encode(req.draft)
