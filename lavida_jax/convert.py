@@ -31,6 +31,7 @@ import time
 
 import numpy as np
 
+from lavida_jax import cli
 from lavida_jax.checkpoint import export
 from lavida_jax.checkpoint import hf
 from lavida_jax.checkpoint import hub
@@ -232,12 +233,20 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
 
 # --- command line -----------------------------------------------------------------------
 
+class _OneLineParser(argparse.ArgumentParser):
+  """A usage error is one line and exit status 2 (as every lavida_jax command)."""
+
+  def error(self, message):
+    self.exit(cli.EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
+  p = _OneLineParser(
       prog="python -m lavida_jax.convert",
       description="Convert LaViDa-L / LaViDa-D / LLaDA-V checkpoints between Hugging Face "
                   "safetensors and Orbax, streaming one tensor at a time.")
-  sub = p.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}")
+  sub = p.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}",
+                         parser_class=_OneLineParser)
   a = sub.add_parser("hf-to-orbax", help="Hugging Face folder -> Orbax folder",
                      description="Hugging Face folder (config.json + safetensors) -> Orbax "
                                  "folder (params item + config.json + tokenizer files).")
@@ -254,6 +263,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="cast every parameter (default: keep each tensor's dtype)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty destination")
+    s.add_argument("--traceback", action="store_true",
+                   help="on an error, show the full traceback (default: one line)")
   b.add_argument("--max_shard_bytes", type=int, default=export.MAX_SHARD_BYTES,
                  help="largest safetensors shard in bytes (default 5e9)")
   return p
@@ -261,15 +272,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = _parser().parse_args(argv)
+  cli.quiet_logging(None)
   start = time.time()
   try:
     if args.command == "hf-to-orbax":
       info = hf_to_orbax(hub.resolve(args.src), args.dst, args.dtype, args.overwrite)
     else:
       info = orbax_to_hf(args.src, args.dst, args.dtype, args.overwrite, args.max_shard_bytes)
-  except (CheckpointError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+  except Exception as e:  # pylint: disable=broad-except
+    if args.traceback:
+      raise
+    print(f"error: {cli.one_line(e)}", file=sys.stderr)
+    return cli.EXIT_USAGE
   print(f"{args.command}: {info['family']}, {info['bytes'] / 1e9:.3f} GB -> {args.dst} "
         f"in {time.time() - start:.1f} s")
   return 0

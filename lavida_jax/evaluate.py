@@ -209,6 +209,6 @@ def _flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from lavida_jax import cli
   _flags()
-  app.run(main)
+  cli.run(main)

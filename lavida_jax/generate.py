@@ -540,6 +540,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
+  from lavida_jax import cli
   _flags()
-  app.run(main)
+  cli.run(main)

@@ -14,6 +14,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from lavida_jax import cli, report
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "cpu_demo.py")
 
@@ -22,8 +24,9 @@ def _unknown_config_key(e: Exception):
   """Exits naming the key of a KeyError/AttributeError raised by ml_collections."""
   key = str(e).strip("\"'")
   overrides = " ".join(a for a in sys.argv[1:] if a.startswith("--config."))
-  sys.exit(f"unknown config key '{key}' in {overrides}: every --config.KEY=VALUE must "
-           "name a field of the config (see configs/base.py)")
+  print(f"error: unknown config key '{key}' in {overrides}: every --config.KEY=VALUE must "
+        "name a field of the config (see configs/base.py)", file=sys.stderr)
+  sys.exit(cli.EXIT_USAGE)
 
 
 try:  # ml_collections resolves --config.KEY overrides of the default config here
@@ -173,8 +176,11 @@ def make_evaluate_fn(cfg, data, heldout, system_prompt):
     del step
     out = {}
     if pairs:
-      gen = generator(model, e.gen_length, e.block_length, e.steps)
+      gen = _Recorder(generator(model, e.gen_length, e.block_length, e.steps))
       out.update(evaluate.evaluate(gen, pairs[:n], "vqa", e.batch_size, groups and groups[:n]))
+      shown = pairs[:GRID_EXAMPLES]
+      run.examples = report.heldout_examples(
+          shown, [gen.answers.get(id(r)) for r, _ in shown], evaluate.normalize_answer)
     if captions:
       gen = generator(model, e.caption_gen_length, e.caption_block_length, e.caption_steps)
       results = evaluate.run_generation(gen, [r for r, _ in captions], e.batch_size)
@@ -187,7 +193,26 @@ def make_evaluate_fn(cfg, data, heldout, system_prompt):
       out.update({f"caption/{k}": v for k, v in scores.items()})
     return out
 
+  run.examples = []  # the last evaluation's first held-out answers, for the grid
   return run
+
+
+GRID_EXAMPLES = 16
+
+
+class _Recorder:
+  """A Generator that remembers each request's result (by request identity)."""
+
+  def __init__(self, gen):
+    self.gen, self.answers = gen, {}
+
+  def __getattr__(self, name):
+    return getattr(self.gen, name)
+
+  def __call__(self, reqs, rng=None):
+    results = self.gen(reqs, rng)
+    self.answers.update({id(r): res for r, res in zip(reqs, results)})
+    return results
 
 
 def scores_line(summary: dict) -> str | None:
@@ -214,24 +239,38 @@ def main(argv):
   if not workdir:
     raise app.UsageError("no workdir: pass --workdir or set config.workdir")
   data, heldout, system_prompt = make_train_data(cfg, workdir)
-  summary = train.train_and_evaluate(cfg, workdir, data,
-                                     make_evaluate_fn(cfg, data, heldout, system_prompt))
-  print(json.dumps(summary, indent=1, default=str))
-  line = scores_line(summary)
-  if line:
-    print(f"\n{line}")
-  print(f"\ncheckpoint: {summary['checkpoint']}\n"
+  evaluate_fn = make_evaluate_fn(cfg, data, heldout, system_prompt)
+  summary = train.train_and_evaluate(cfg, workdir, data, evaluate_fn)
+  import jax
+  if jax.process_index() != 0:
+    return
+  print("\n" + report.summary_table(summary))
+  if "://" not in workdir:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1, default=str)
+    print(f"\nsummary:    {os.path.join(workdir, 'summary.json')}")
+    if evaluate_fn is not None and evaluate_fn.examples:
+      grid = report.answer_grid(evaluate_fn.examples,
+                                os.path.join(workdir, "heldout_answers.png"))
+      print(f"answers:    {grid} (held-out images; green right, red wrong)")
+  print(f"checkpoint: {summary['checkpoint']}\n"
         f"generate:   python -m lavida_jax.generate --checkpoint={summary['checkpoint']} "
         f"--image=IMAGE.png --prompt=\"What colour is the circle?\"")
 
 
 def parse_flags(argv):
-  """absl's parser; an unknown --config.KEY (of a --config=FILE) ends with its name."""
+  """cli's parser; an unknown --config.KEY (of a --config=FILE) ends with its name."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return cli.parse_flags(argv)
   except (AttributeError, KeyError) as e:
     _unknown_config_key(e)
 
 
+def log_file() -> str | None:
+  """The workdir's log file (none for a bucket: no appends there)."""
+  workdir = _WORKDIR.value or _CONFIG.value.workdir
+  return None if not workdir or "://" in workdir else os.path.join(workdir, cli.LOG_FILE)
+
+
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, log_file, flags_parser=parse_flags)

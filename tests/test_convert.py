@@ -306,7 +306,7 @@ def test_nonempty_destination_needs_overwrite(converted, tmp_path, capsys):
   (dst / "keep.txt").write_text("precious")
   with pytest.raises(CheckpointError, match="not empty; pass --overwrite"):
     convert.orbax_to_hf(orb, str(dst))
-  assert convert.main(["hf-to-orbax", f"--src={src}", f"--dst={dst}"]) == 1
+  assert convert.main(["hf-to-orbax", f"--src={src}", f"--dst={dst}"]) == 2
   assert "error: destination" in capsys.readouterr().err
   assert (dst / "keep.txt").read_text() == "precious"
   convert.orbax_to_hf(orb, str(dst), overwrite=True)

@@ -533,7 +533,11 @@ def test_main_scores_heldout_captions_beside_one_word_answers(tmp_path, monkeypa
 
   monkeypatch.setattr(generate, "Generator", Stub)
   model = types.SimpleNamespace(cfg=types.SimpleNamespace(lm=types.SimpleNamespace(mask_id=0)))
-  out = main_lib.make_evaluate_fn(cfg, data, heldout, system_prompt)(model, 0)
+  run = main_lib.make_evaluate_fn(cfg, data, heldout, system_prompt)
+  out = run(model, 0)
+  # the grid's examples: the first held-out questions with the stub's (right) answers
+  assert [(e.answer, e.correct) for e in run.examples] == [
+      (a, True) for _, a in heldout["qa"][0][:5]]
   assert canvases == [(4, 4, 4), (12, 12, 12)]  # one-word, then caption canvases
   assert out["exact_match"] == 1.0 and out["n"] == 5
   assert out["caption/exact_match"] == 0.5 and out["caption/n"] == 4

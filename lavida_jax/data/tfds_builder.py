@@ -21,7 +21,10 @@ and read the JSON directly with `LlavaJsonSource` (same record format).
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -147,7 +150,17 @@ def build(splits: Mapping[str, str | Sequence[str]], image_folder: str | None,
   if overwrite:
     shutil.rmtree(os.path.join(data_dir, NAME), ignore_errors=True)
   builder = LlavaJson(splits=splits, image_folder=image_folder, data_dir=data_dir)
-  builder.download_and_prepare()
+  # tfds prints its progress bars and "Downloading and preparing ..." to the console:
+  # into the log instead (the console is for our own progress and results).
+  out = io.StringIO()
+  tfds.display_progress_bar(False)
+  try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+      builder.download_and_prepare()
+  finally:
+    tfds.display_progress_bar(True)
+  if out.getvalue().strip():
+    logging.info("tfds build of %s: %s", data_dir, out.getvalue().strip())
   return data_dir
 
 
