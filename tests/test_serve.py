@@ -348,8 +348,9 @@ def test_the_page_unmasks_the_answer_in_a_browser(served, client, tmp_path):
 
 
 def test_the_cli_warms_up_serves_and_stops(reference_checkpoint, tiny_tokenizer, tmp_path):
-  """python -m lavida_jax.serve (a subprocess, --port=0): it prints its warm-up and
-  address, answers as `generate` does, and shuts down on SIGINT."""
+  """python -m lavida_jax.serve (a subprocess, --port=0, the model on a 1x4x2 mesh of
+  8 CPU devices): it prints its warm-up and address, answers as `generate` does on
+  one device, and shuts down on SIGINT."""
   import os
   import signal
   import subprocess
@@ -363,7 +364,7 @@ def test_the_cli_warms_up_serves_and_stops(reference_checkpoint, tiny_tokenizer,
       [sys.executable, "-m", "lavida_jax.serve", f"--checkpoint={folder}", "--port=0",
        f"--tokenizer={tiny_tokenizer.name}", "--gen_length=8", "--block_length=4",
        "--steps=4", "--max_batch=2", "--warmup_tokens=0", f"--log_file={tmp_path}/log",
-       "--served_model_name=tiny"],
+       "--served_model_name=tiny", "--mesh=1,4,2"],
       cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   try:
