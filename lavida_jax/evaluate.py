@@ -58,21 +58,9 @@ def qa_pairs(records, image_folder: str | None = None):
   return out
 
 
-def run_generation(generator: generate.Generator, requests: Sequence[generate.Request],
-                   batch_size: int = 8) -> list[generate.Result]:
-  """Batches of requests; a bad request gets its error and the rest go on."""
-  results = []
-  for i in range(0, len(requests), batch_size):
-    chunk = requests[i:i + batch_size]
-    try:
-      results += generator(chunk)
-    except (ValueError, OSError):  # retry one by one to isolate the bad request
-      for r in chunk:
-        try:
-          results += generator([r])
-        except (ValueError, OSError) as err:
-          results.append(generate.Result("", [], 0, 0.0, error=str(err)))
-  return results
+# Batches of requests, a bad one isolated with its error (it lives with the Generator,
+# which imports nothing from here: generate -> evaluate only).
+run_generation = generate.run_generation
 
 
 def constraint_segments(draft: str, mask_token: str = "<|mdm_mask|>",

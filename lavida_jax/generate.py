@@ -384,6 +384,23 @@ def decode_answer(tokenizer, ids, stops) -> str:
   return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def run_generation(generator: "Generator", requests: Sequence[Request],
+                   batch_size: int = 8) -> list[Result]:
+  """Batches of requests; a bad request gets its error and the rest go on."""
+  results = []
+  for i in range(0, len(requests), batch_size):
+    chunk = requests[i:i + batch_size]
+    try:
+      results += generator(chunk)
+    except (ValueError, OSError):  # retry one by one to isolate the bad request
+      for r in chunk:
+        try:
+          results += generator([r])
+        except (ValueError, OSError) as err:
+          results.append(Result("", [], 0, 0.0, error=str(err)))
+  return results
+
+
 def _prefill(lm_state, x, valid, *, lm_graphdef):
   """Prompt -> (KV cache, logits at the prompt's last position [B, V])."""
   lm = nnx.merge(lm_graphdef, lm_state)
@@ -506,7 +523,6 @@ def main(argv):
   from absl import flags
   FLAGS = flags.FLAGS
   import lavida_jax
-  from lavida_jax import evaluate
 
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
@@ -530,7 +546,7 @@ def main(argv):
   with open(FLAGS.requests) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   reqs = [Request(r.get("prompt", ""), r.get("image"), r.get("draft")) for r in rows]
-  results = evaluate.run_generation(gen, reqs, FLAGS.batch_size)
+  results = run_generation(gen, reqs, FLAGS.batch_size)
   out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
   for row, res in zip(rows, results):
     out.write(json.dumps({**row, "output": res.text, "nfe": res.nfe, "seconds": res.seconds,
