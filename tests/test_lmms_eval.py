@@ -131,8 +131,9 @@ def _lmms_eval(task_dir, out, checkpoint, tokenizer, batch_size, tmp_path):
              JAX_DEFAULT_MATMUL_PRECISION="highest", WANDB_MODE="disabled")
   cmd = [sys.executable, "-m", "lmms_eval", "eval", "--model", "lavida_jax",
          "--model_args", f"checkpoint={checkpoint},tokenizer={tokenizer},warmup=False,"
-         f"speed_log={out}/speed.jsonl",
-         "--include_path", str(task_dir), "--tasks", "lavida_demo_vqa,lavida_demo_caption",
+         f"speed_log={out}/speed.jsonl,mc_num=16",
+         "--include_path", str(task_dir),
+         "--tasks", "lavida_demo_vqa,lavida_demo_caption,lavida_demo_mc",
          "--batch_size", str(batch_size), "--output_path", str(out), "--log_samples"]
   proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
   found = glob.glob(f"{out}/**/*_results.json", recursive=True)
@@ -164,7 +165,7 @@ def test_lmms_eval_cli_matches_lavida_evaluate(reference_checkpoint, loaded, tin
   pytest.importorskip("lmms_eval", reason="pip install --no-deps lmms-eval==0.7.3 "
                       "(and the [lmms] extra)")
   from lavida_jax.data import demo
-  from lavida_jax.lmms import demo_task
+  from lavida_jax.lmms import demo_task, likelihood
 
   _, folder = reference_checkpoint("lavida-llada")
   _, model = loaded("lavida-llada")
@@ -202,6 +203,19 @@ def test_lmms_eval_cli_matches_lavida_evaluate(reference_checkpoint, loaded, tin
                      p for p, _ in pairs(captions)], 8)]}
   assert ours["lavida_demo_vqa"]["exact_match"] >= 0.5
   assert ours["lavida_demo_caption"]["cider"] > 0
+  # Multiple choice by likelihood: the choice of least -ELBO (1-token choices: exact).
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("task_utils", task_dir / "utils.py")
+  task_utils = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(task_utils)
+  scorer = likelihood.Scorer(model, tiny_tokenizer, generate.system_prompt_for(folder), 16, 16)
+  mc = _read(paths["mc"])
+  hits = []
+  for r in mc:
+    prefix = scorer.prefix(generate.Request(r["question"], r["image"]))
+    losses = [-scorer(prefix, c, jax.random.key(0)) for c in task_utils.doc_to_choice(r)]
+    hits.append(int(np.argmin(losses)) == task_utils.doc_to_target_index(r))
+  ours["lavida_demo_mc"] = {"acc": float(np.mean(hits))}
 
   for batch_size in (1, 8):
     results, answers, speed = _lmms_eval(task_dir, tmp_path / f"out{batch_size}", folder,
@@ -209,9 +223,11 @@ def test_lmms_eval_cli_matches_lavida_evaluate(reference_checkpoint, loaded, tin
     assert answers == our_answers, batch_size
     for task, metrics in ours.items():
       got = results["results"][task]
-      for k in ("exact_match", "cider", "bleu4"):
+      for k in ("exact_match", "cider", "bleu4", "acc"):
         if k in metrics:
           assert got[f"{k},none"] == pytest.approx(metrics[k], abs=1e-9), (task, k)
+      if task == "lavida_demo_mc":
+        continue
       assert speed[task]["n"] == len(answers[task]) and speed[task]["errors"] == 0
       assert speed[task]["nfe"] == metrics["nfe"]  # L one-token steps + the prefill
       assert results["throughput"][f"avg_{task}/nfe"] == metrics["nfe"]
@@ -307,11 +323,11 @@ def test_model_batches_ragged_prompts_on_a_mesh_and_scores_choices(reference_che
                                                         {**kw, "until": [until]}))]
   assert cut[0] == single[0].split(until, 1)[0].strip()
 
-  scores = one.loglikelihood(_instances("loglikelihood", [("what colour", "red"),
-                                                           ("what colour", "blue")]))
-  again = one.loglikelihood(_instances("loglikelihood", [("what colour", "red")]))
-  assert scores[0][0] == again[0][0] and scores[0][0] != scores[1][0]
-  assert all(s < 0 and g is False for s, g in scores)
+  scores = [r.text for r in one.loglikelihood(_instances(
+      "loglikelihood", [("what colour", "red"), ("what colour", "blue")]))]
+  again = one.loglikelihood(_instances("loglikelihood", [("what colour", "red")]))[0].text
+  assert scores[0][0] == again[0] and scores[0][0] != scores[1][0]
+  assert all(loss > 0 and g is False for loss, g in scores)  # losses: lmms-eval's argmin
   direct = one.scorer(one.scorer.prefix(generate.Request("what colour", img)), "red",
                       jax.random.fold_in(jax.random.key(0), 0))
-  assert scores[0][0] == pytest.approx(direct, abs=1e-6)
+  assert scores[0][0] == pytest.approx(-direct, abs=1e-6)

@@ -5,8 +5,8 @@
       --model lavida_jax --model_args checkpoint=WORKDIR/checkpoints --batch_size 8
 
 copies the shipped task YAMLs (`configs/lmms_eval/lavida_demo/`) to `out` and writes
-`out/data/{vqa,captions}.jsonl` from the demo set's `heldout.jsonl` and
-`captions_heldout.jsonl`: one `{"id", "question", "answer", "kind", "image"}` line
+`out/data/{vqa,mc,captions}.jsonl` from the demo set's `heldout.jsonl` (the
+one-word questions, generated and multiple choice) and `captions_heldout.jsonl`: one `{"id", "question", "answer", "kind", "image"}` line
 per record (absolute image paths), in the demo's order, so the task's documents are
 `lavida_jax.evaluate.qa_pairs`' pairs one for one.
 """
@@ -18,7 +18,7 @@ import shutil
 
 TASK_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "lmms_eval",
                         "lavida_demo")
-FILES = {"vqa": "heldout.jsonl", "captions": "captions_heldout.jsonl"}
+FILES = {"vqa": "heldout.jsonl", "mc": "heldout.jsonl", "captions": "captions_heldout.jsonl"}
 
 
 def task_rows(records: list[dict], image_folder: str) -> list[dict]:
@@ -33,7 +33,7 @@ def task_rows(records: list[dict], image_folder: str) -> list[dict]:
 
 
 def export(demo_data: str, out: str, limit: int = 0) -> dict[str, str]:
-  """-> {"vqa": path, "captions": path} of the JSONL written under out/data."""
+  """-> {"vqa": path, "mc": path, "captions": path}: the JSONL under out/data."""
   if not os.path.isdir(TASK_DIR):
     raise FileNotFoundError(f"task YAMLs not found at {os.path.abspath(TASK_DIR)} "
                             "(an editable install of the repository ships them)")
@@ -63,7 +63,7 @@ def main(argv):
   for name, path in export(FLAGS.demo_data, FLAGS.out, FLAGS.limit).items():
     print(f"{name}: {path}")
   print(f"lmms-eval eval --include_path {FLAGS.out} "
-        "--tasks lavida_demo_vqa,lavida_demo_caption --model lavida_jax "
+        "--tasks lavida_demo_vqa,lavida_demo_caption,lavida_demo_mc --model lavida_jax "
         "--model_args checkpoint=CHECKPOINT --batch_size 8")
 
 

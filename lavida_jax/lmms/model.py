@@ -15,6 +15,7 @@ loglikelihood: LLaDA's Monte Carlo ELBO (`likelihood.Scorer`, `mc_num` samples).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -170,20 +171,33 @@ class LavidaJax(lmms):
 
   # --- likelihood -----------------------------------------------------------------------
 
-  def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-    """(ELBO estimate of the continuation, False): greedy agreement is not computed,
-    as in LaViDa's harness. Requests sharing a prompt (multiple choice) share its
-    prefix embedding; each request's noise comes from (seed, its index)."""
+  def loglikelihood(self, requests) -> list:
+    """(-ELBO, False) per request: lmms-eval's multiple choice takes the argmin, i.e.
+    expects a loss (its issue #370), and LaViDa's harness returns -ELBO too; greedy
+    agreement is not computed, as in LaViDa's harness. Consecutive requests sharing a
+    prompt (a document's choices) share its prefix embedding; each request's noise
+    comes from (seed, its index). A request that cannot be scored logs its error and
+    gets +inf. Each pair is wrapped in a GenerationResult: 0.7.3's evaluator passes
+    other outputs through `unwrap_generation_output`, which turns a (float, bool)
+    tuple into its string."""
     out, prefixes = [], {}
     for n, req in enumerate(requests):
-      context, target, doc_to_visual, doc_id, task, split = req.args
-      key = (task, split, doc_id, context)
-      if key not in prefixes:
-        prefixes = {key: self.scorer.prefix(
-            self._request(context, doc_to_visual, doc_id, task, split))}
-      doc = self.task_dict[task][split][doc_id]
-      continuation = target if isinstance(target, str) else target(doc)
+      if len(req.args) == 2:  # an unconditional choice (lmms-eval's mutual information)
+        context, continuation = req.args
+        key, build = ("", context), functools.partial(generate.Request, context)
+      else:
+        context, target, doc_to_visual, doc_id, task, split = req.args
+        doc = self.task_dict[task][split][doc_id]
+        continuation = target if isinstance(target, str) else target(doc)
+        key = (task, split, doc_id, context)
+        build = functools.partial(self._request, context, doc_to_visual, doc_id, task, split)
       rng = jax.random.fold_in(jax.random.key(self.seed), n)
-      out.append((self.scorer(prefixes[key], continuation, rng), False))
+      try:
+        if key not in prefixes:
+          prefixes = {key: self.scorer.prefix(build())}
+        loss = -self.scorer(prefixes[key], continuation, rng)
+      except ValueError as err:
+        logger.error(f"lavida_jax loglikelihood: {key[:3]}: {err}")
+        loss = float("inf")
+      out.append(GenerationResult((loss, False)))
     return out
-

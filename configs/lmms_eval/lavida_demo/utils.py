@@ -7,6 +7,7 @@ scores through lmms-eval and through `python -m lavida_jax.evaluate`.
 from PIL import Image
 
 from lavida_jax import evaluate
+from lavida_jax.data import demo, shapes
 
 
 def doc_to_visual(doc):
@@ -38,3 +39,16 @@ def cider(items):
 
 def bleu4(items):
   return _corpus(items, "bleu4")
+
+
+def doc_to_choice(doc):
+  """Every answer of the question's kind: numbers, shapes or colours."""
+  if doc["kind"] == "count":
+    return list(demo.NUMBERS[1:])
+  if doc["kind"] == "shape_of_colour":
+    return list(shapes.SHAPES)
+  return list(shapes.COLOURS)
+
+
+def doc_to_target_index(doc):
+  return doc_to_choice(doc).index(doc["answer"])
