@@ -117,7 +117,7 @@ def caption_scores(predictions: Sequence[str], references: Sequence[str]) -> dic
 
 def evaluate(generator: generate.Generator, pairs, task: str = "vqa",
              batch_size: int = 8, groups: Sequence[str] | None = None) -> dict:
-  """-> {metric..., n, errors, nfe, seconds_per_sample}.
+  """-> {metric..., n, errors, nfe, tokens_per_forward, seconds_per_sample, answers_per_s}.
 
   groups: a label per pair (e.g. the question kind); adds "metric/label" for each.
   """
