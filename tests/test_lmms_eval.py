@@ -70,6 +70,9 @@ def test_one_token_likelihood_is_the_masked_logit(loaded, tiny_tokenizer, family
   want = float(jax.nn.log_softmax(logits[at].astype(jnp.float32))[token[0]])
   got = scorer(scorer.prefix(req), "red", jax.random.key(0))
   assert got == pytest.approx(want, abs=1e-4)
+  # LLaDA's greedy agreement: true for the argmax token (mask id excluded), not another.
+  top = int(jnp.argmax(logits[at].at[model.cfg.lm.mask_id].set(-jnp.inf)))
+  assert scorer.greedy(req, [top]) and not scorer.greedy(req, [(top + 1) % 200])
 
 
 # --- the papers' generation kwargs ---------------------------------------------------------
@@ -331,3 +334,8 @@ def test_model_batches_ragged_prompts_on_a_mesh_and_scores_choices(reference_che
   direct = one.scorer(one.scorer.prefix(generate.Request("what colour", img)), "red",
                       jax.random.fold_in(jax.random.key(0), 0))
   assert scores[0][0] == pytest.approx(-direct, abs=1e-6)
+  one.greedy = True  # LLaDA's greedy agreement, wired through (model arg greedy=True)
+  (_, greedy), = [r.text for r in one.loglikelihood(_instances("loglikelihood",
+                                                                [("what colour", "red")]))]
+  assert greedy == one.scorer.greedy(generate.Request("what colour", img),
+                                     tiny_tokenizer.encode("red"))

@@ -16,6 +16,7 @@ from flax import nnx
 
 from lavida_jax import generate
 from lavida_jax.diffusion import likelihood as lik
+from lavida_jax.diffusion import sampler as sampler_lib
 
 ANSWER_BUCKET = 16  # answers are padded to a multiple of this: one compile per bucket
 
@@ -49,6 +50,19 @@ class Scorer:
     self._terms = jax.jit(functools.partial(
         _terms, lm_graphdef=lm_graphdef, rows=rows, mask_id=model.cfg.lm.mask_id,
         shifted=model.cfg.lm.shifted_logits))
+    self._greedy = {}
+
+  def greedy(self, request: generate.Request, ids: list[int]) -> bool:
+    """LLaDA's `is_target_greedy_dec`: would decoding len(ids) masks after the prompt,
+    one token per step, most confident first, argmax (the Full-DLM fixed decoder),
+    give exactly these token ids?"""
+    if len(ids) not in self._greedy:  # one compiled sampler per answer length
+      cfg = sampler_lib.SamplerConfig(gen_length=len(ids), block_length=len(ids),
+                                      steps=len(ids), schedule="none",
+                                      mask_id=self.model.cfg.lm.mask_id)
+      self._greedy[len(ids)] = generate.Generator(self.model, self.tokenizer, cfg, "none",
+                                                  system_prompt=self.system_prompt)
+    return self._greedy[len(ids)]([request])[0].ids == ids
 
   def prefix(self, request: generate.Request):
     """The prompt's embeddings, left-padded to its bucket: (x [1, P, D], valid [1, P])."""

@@ -49,7 +49,7 @@ class LavidaJax(lmms):
   """model_args: checkpoint (folder or hub id), tokenizer, dtype, mesh (DxFxT),
   system_prompt (text, a file, or "none"), the decoding defaults of
   `settings.Decoding` (gen_length, block_length, steps, schedule, shift, decoder,
-  threshold, factor, confidence, cache, temperature), mc_num / mc_batch for
+  threshold, factor, confidence, cache, temperature), mc_num / mc_batch / greedy for
   loglikelihood, seed, speed_log (a JSONL file: a speed line per task), warmup (run a
   new setting's first batch once untimed, so compiling is not counted in the speed),
   reference_compat."""
@@ -60,7 +60,7 @@ class LavidaJax(lmms):
                mesh: str | None = None, system_prompt: str | None = None,
                batch_size: int | str = 1, mc_num: int = 128, mc_batch: int = 16,
                seed: int = 0, speed_log: str | None = None, reference_compat: bool = False,
-               warmup: bool = True, **kwargs):
+               warmup: bool = True, greedy: bool = False, **kwargs):
     super().__init__()
     import lavida_jax
     decoding = {f: kwargs.pop(f) for f in list(kwargs)
@@ -83,7 +83,7 @@ class LavidaJax(lmms):
     self.scorer = likelihood.Scorer(self.model, self.tokenizer, self.system_prompt,
                                     int(mc_num), int(mc_batch))
     self.seed, self.speed_log = int(seed), speed_log
-    self.warmup = settings.as_bool(warmup)
+    self.warmup, self.greedy = settings.as_bool(warmup), settings.as_bool(greedy)
     self._generators = {}
 
   # --- generation -----------------------------------------------------------------------
@@ -172,9 +172,10 @@ class LavidaJax(lmms):
   # --- likelihood -----------------------------------------------------------------------
 
   def loglikelihood(self, requests) -> list:
-    """(-ELBO, False) per request: lmms-eval's multiple choice takes the argmin, i.e.
-    expects a loss (its issue #370), and LaViDa's harness returns -ELBO too; greedy
-    agreement is not computed, as in LaViDa's harness. Consecutive requests sharing a
+    """(-ELBO, greedy) per request: lmms-eval's multiple choice takes the argmin, i.e.
+    expects a loss (its issue #370), and LaViDa's harness returns -ELBO too; greedy is
+    LLaDA's greedy agreement with `greedy=True`, else False (LaViDa's harness does not
+    compute it: it costs a decoding per request). Consecutive requests sharing a
     prompt (a document's choices) share its prefix embedding; each request's noise
     comes from (seed, its index). A request that cannot be scored logs its error and
     gets +inf. Each pair is wrapped in a GenerationResult: 0.7.3's evaluator passes
@@ -192,12 +193,17 @@ class LavidaJax(lmms):
         key = (task, split, doc_id, context)
         build = functools.partial(self._request, context, doc_to_visual, doc_id, task, split)
       rng = jax.random.fold_in(jax.random.key(self.seed), n)
+      greedy = False
       try:
         if key not in prefixes:
-          prefixes = {key: self.scorer.prefix(build())}
-        loss = -self.scorer(prefixes[key], continuation, rng)
+          request = build()
+          prefixes = {key: (request, self.scorer.prefix(request))}
+        request, prefix = prefixes[key]
+        loss = -self.scorer(prefix, continuation, rng)
+        greedy = self.greedy and self.scorer.greedy(request,
+                                                    self.tokenizer.encode(continuation))
       except ValueError as err:
         logger.error(f"lavida_jax loglikelihood: {key[:3]}: {err}")
         loss = float("inf")
-      out.append(GenerationResult((loss, False)))
+      out.append(GenerationResult((loss, greedy)))
     return out
