@@ -384,6 +384,22 @@ def decode_answer(tokenizer, ids, stops) -> str:
   return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 
+def parse_request(line: str, where: str) -> tuple[dict, "Request | str"]:
+  """One JSONL line of batch mode -> (the row, its Request), or (the row as far as it
+  parsed, the one-line error) for a line that is not {"prompt": str, "image"?: str,
+  "draft"?: str, ...}: the batch goes on without it."""
+  try:
+    row = json.loads(line)
+  except (ValueError, RecursionError) as e:
+    return {"line": line[:200]}, f"{where}: not JSON ({str(e)[:80]})"
+  if not isinstance(row, dict):
+    return {"line": line[:200]}, f"{where}: a JSON {type(row).__name__}, expected an object"
+  for key in ("prompt", "image", "draft"):
+    if row.get(key) is not None and not isinstance(row[key], str):
+      return row, f"{where}: {key!r} is a {type(row[key]).__name__}, expected a string"
+  return row, Request(row.get("prompt") or "", row.get("image"), row.get("draft"))
+
+
 def run_generation(generator: "Generator", requests: Sequence[Request],
                    batch_size: int = 8) -> list[Result]:
   """Batches of requests; a bad request gets its error and the rest go on."""
@@ -544,9 +560,13 @@ def main(argv):
     print(f"[nfe={res.nfe} seconds={res.seconds:.2f}]", file=sys.stderr)
     return
   with open(FLAGS.requests) as f:
-    rows = [json.loads(line) for line in f if line.strip()]
-  reqs = [Request(r.get("prompt", ""), r.get("image"), r.get("draft")) for r in rows]
-  results = run_generation(gen, reqs, FLAGS.batch_size)
+    parsed = [parse_request(line, f"{FLAGS.requests} line {i + 1}")
+              for i, line in enumerate(f) if line.strip()]
+  good = [req for _, req in parsed if isinstance(req, Request)]
+  done = iter(run_generation(gen, good, FLAGS.batch_size))
+  results = [next(done) if isinstance(req, Request) else Result("", [], 0, 0.0, error=req)
+             for _, req in parsed]
+  rows = [row for row, _ in parsed]
   out = open(FLAGS.output, "w") if FLAGS.output else sys.stdout
   for row, res in zip(rows, results):
     out.write(json.dumps({**row, "output": res.text, "nfe": res.nfe, "seconds": res.seconds,

@@ -124,3 +124,21 @@ def test_answer_grid_marks_right_green_and_wrong_red(tmp_path):
   assert tuple(grid[6 + 32, 6 - 2]) == (0, 160, 0)
   assert tuple(grid[6 + 32, 76 + 6 - 2]) == (210, 0, 0)
   assert tuple(grid[6 + 32, 6 + 32]) == (0, 0, 0) and tuple(grid[38, 82 + 32]) == (255,) * 3
+
+
+def test_batch_mode_answers_good_lines_and_names_bad_ones(checkpoint, tmp_path):
+  src, tok = checkpoint
+  requests = tmp_path / "in.jsonl"
+  requests.write_text('{"prompt": "what colour is the circle", "id": 1}\n'
+                      '[1, 2]\n\n'
+                      '{"prompt": 7}\n'
+                      '{"prompt": "how many shapes are there", "id": 4}\n')
+  out = _run("-m", "lavida_jax.generate", f"--checkpoint={src}", f"--tokenizer={tok}",
+             f"--requests={requests}", f"--output={tmp_path / 'out.jsonl'}",
+             "--gen_length=8", "--block_length=8", "--steps=4")
+  assert out.returncode == 0, out.stderr
+  rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+  assert [r["error"] for r in rows] == [
+      None, f"{requests} line 2: a JSON list, expected an object",
+      f"{requests} line 4: 'prompt' is a int, expected a string", None]
+  assert rows[0]["id"] == 1 and rows[3]["id"] == 4 and rows[0]["nfe"] > 0

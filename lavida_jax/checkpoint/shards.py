@@ -32,6 +32,11 @@ INDEX_NAME = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit
 
 
+def _shown(name) -> str:
+  """A tensor name as one printable line (a hostile header may hold anything)."""
+  return name if isinstance(name, str) and name.isprintable() else repr(name)[:80]
+
+
 def _bad(path: str, why: str) -> CheckpointError:
   return CheckpointError(f"{path} is not a valid safetensors file: {why}")
 
@@ -51,22 +56,23 @@ def parse_header(raw: bytes, path: str) -> tuple[dict, dict[str, str]]:
   meta = header.pop("__metadata__", None) or {}
   if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
     raise _bad(path, "__metadata__ is not a map of strings")
-  for name, info in header.items():
+  for raw_name, info in header.items():
+    name = _shown(raw_name)
     if not isinstance(info, dict):
       raise _bad(path, f"tensor {name}: entry is not an object")
     code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
-    if code not in DTYPES:
-      raise _bad(path, f"tensor {name} has unsupported dtype {code!r}")
+    if not isinstance(code, str) or code not in DTYPES:
+      raise _bad(path, f"tensor {name} has unsupported dtype {repr(code)[:80]}")
     if (not isinstance(shape, list) or len(shape) > 16
         or not all(type(d) is int and 0 <= d < 2**48 for d in shape)):
-      raise _bad(path, f"tensor {name} has shape {shape!r}, expected a list of sizes")
+      raise _bad(path, f"tensor {name} has shape {repr(shape)[:80]}, expected a list of sizes")
     if (not isinstance(offsets, list) or len(offsets) != 2
         or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-      raise _bad(path, f"tensor {name} has data_offsets {offsets!r}, expected [begin, end]")
+      raise _bad(path, f"tensor {name} has data_offsets {repr(offsets)[:80]}, expected [begin, end]")
     nbytes = int(np.prod(shape, dtype=object)) * np.dtype(DTYPES[code]).itemsize
     if offsets[1] - offsets[0] != nbytes:
       raise _bad(path, f"tensor {name} spans {offsets[1] - offsets[0]} bytes, its shape "
-                       f"{shape} of {code} needs {nbytes}")
+                       f"{repr(shape)[:80]} of {code} needs {nbytes}")
   crcs = {k[len(checksum.PREFIX):]: v for k, v in meta.items()
           if k.startswith(checksum.PREFIX)}
   return header, crcs
@@ -105,7 +111,7 @@ class SafetensorsFile:
     for name, info in header.items():
       end = self._start + info["data_offsets"][1]
       if end > size:
-        raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {end}, the "
+        raise CheckpointError(f"{path} is truncated: tensor {_shown(name)} ends at byte {end}, the "
                               f"file has {size}")
     self.header = header
 
@@ -127,10 +133,10 @@ class SafetensorsFile:
       n = os.preadv(self._file.fileno(), [buf[done:done + (1 << 30)]],
                     self._start + begin + done)
       if n <= 0:
-        raise CheckpointError(f"{self.path} is truncated: tensor {key} ends past the file")
+        raise CheckpointError(f"{self.path} is truncated: tensor {_shown(key)} ends past the file")
       done += n
     if key in self.checksums:
-      checksum.check(f"tensor {key}", self.path, self.checksums[key], checksum.of_array(out))
+      checksum.check(f"tensor {_shown(key)}", self.path, self.checksums[key], checksum.of_array(out))
     return out
 
   def close(self):
