@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 
 def load_pretrained(path: str, dtype: str = "float32", mesh=None, revision: str | None = None,
-                    **config_overrides):
+                    quantize: str | None = None, **config_overrides):
   """Loads a model from a checkpoint folder or a Hugging Face hub id.
 
   path: a Hugging Face checkpoint folder (config.json + safetensors, single file or
@@ -17,12 +17,24 @@ def load_pretrained(path: str, dtype: str = "float32", mesh=None, revision: str 
   `revision` into the cache under HF_HOME, or found there when HF_HUB_OFFLINE=1.
   The family is read from config.json. mesh: place parameters
   sharded over it by their logical axis names; from Orbax each device reads only its
-  own shard (default: the first device). config_overrides: LaViDaConfig fields, e.g.
-  reference_compat=True.
+  own shard (default: the first device). quantize: "int8" for int8 weight-only LM
+  linears (`models/quant.py`, qwix; half the bytes of bf16). config_overrides:
+  LaViDaConfig fields, e.g. reference_compat=True.
   """
   from lavida_jax.checkpoint import hub, orbax
+  if quantize is not None:
+    from lavida_jax.models import quant
+    if quantize not in quant.QUANTIZE:
+      raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(quant.QUANTIZE)}")
   path = hub.resolve(path, revision)
   if orbax.is_orbax(path):
-    return orbax.load_orbax(path, dtype=dtype, mesh=mesh, **config_overrides)
-  from lavida_jax.checkpoint import hf
-  return hf.load_hf(path, dtype=dtype, mesh=mesh, **config_overrides)
+    model = orbax.load_orbax(path, dtype=dtype, mesh=mesh, **config_overrides)
+  else:
+    from lavida_jax.checkpoint import hf
+    model = hf.load_hf(path, dtype=dtype, mesh=mesh, **config_overrides)
+  if quantize is not None:
+    quant.quantize_lm(model)
+    if mesh is not None:  # the int8 kernels and scales placed by their logical axes
+      from lavida_jax import sharding
+      model = sharding.shard_model(model, mesh)
+  return model

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+import qwix
 from jax.sharding import PartitionSpec as P
 
 from lavida_jax.sharding import constrain
@@ -46,14 +47,20 @@ class Linear(nnx.Module):
     self.bias = (param(rngs, zeros, self.out_shape, axes[len(self.in_shape):], param_dtype)
                  if bias else None)
     self.dtype = dtype
+    self.kernel_scale = nnx.data(None)  # int8 weight-only: per-channel scales (quant.py)
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
     n_in, n_out = len(self.in_shape), len(self.out_shape)
     letters = "abcdefgh"
     ins, outs = letters[:n_in], letters[n_in:n_in + n_out]
-    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(dtype),
-                   self.kernel[...].astype(dtype))
+    equation = f"...{ins},{ins}{outs}->...{outs}"
+    if self.kernel_scale is not None:  # int8 kernel: qwix scales the output channels
+      kernel = qwix.QArray(self.kernel[...], self.kernel_scale[...].astype(dtype),
+                           qtype=jnp.int8)
+      y = qwix.einsum(equation, x.astype(dtype), kernel)
+    else:
+      y = jnp.einsum(equation, x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
     return y
