@@ -1,8 +1,8 @@
 """grain input pipeline: LLaVA records -> fixed-shape training batches (SPEC §10).
 
   source (tfds ArrayRecord or JSON) -> shuffle(seed) -> repeat -> preprocess
-  -> this process's part of every global batch -> read threads (or worker processes)
-  -> skip broken records (counted) + batch
+  -> this process's rows of every global batch, broken records replaced (counted)
+  -> read threads (or worker processes) -> batch
 
 Preprocess, per record at global position i with rng `default_rng([seed, i])`: the
 chat template and LaViDa labels (`text.build_training_example`, one QA pair drawn),
@@ -19,15 +19,16 @@ the image's anyres views padded to `max_views`, and `packing.pack_example` to a 
 Broken records (no image bytes: the file is missing or empty; an undecodable
 image; an empty or malformed conversation; longer than `length` after the image is
 expanded; more views than `max_views`) are skipped and counted in the iterator's
-`skipped` (and its state).
+`skipped` (and its state); the row is filled by a record from the same slot of a
+later epoch (`_Rows`), so a skip never shifts the rows after it.
 
 Deterministic and resumable: the output depends only on the source, the seed and
 the arguments (not on thread or worker counts), and the iterator's
 `get_state()`/`set_state()` (grain's `DatasetIterator`, JSON-serialisable) reproduce
 the exact next batches. Multi-host: with P processes and global batch G, process p
 gets positions [kG + pL, kG + (p+1)L) of global batch k (L = G/P), so
-`global_batch` reassembles exactly the single-process batch (when nothing is
-skipped; a skip shifts only that process's stream).
+`global_batch` reassembles exactly the single-process batch, skipped records or not:
+1, 2 and 4 processes train on the same global batches.
 """
 from __future__ import annotations
 
@@ -159,28 +160,59 @@ class Preprocessor:
     return packed
 
 
-class _ProcessShard(grain.MapDataset):
-  """Process p's part of each global batch: positions [kG + pL, kG + (p+1)L)."""
+# Tries per row before a row is given up (and skipped, shifting the rows after it): with
+# even half the records broken, 2^-64.
+MAX_REPLACEMENTS = 64
 
-  def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int):
+
+class _Rows(grain.MapDataset):
+  """Process p's rows of each global batch, each a good example, the same for any
+  process count.
+
+  Row j of global batch k is stream position q = kG + j (this process: rows
+  [pL, (p+1)L)). A broken record there is replaced by the first good one at
+  q + N, q + 2N, ... (N = records per epoch): the same slot in later epochs, another
+  record of the reshuffled source. Which record fills a row is thus fixed before any
+  filtering and depends only on (seed, k, j), so 1, 2 or 4 processes assemble the same
+  global batches even when records are skipped. Every element carries `skips`
+  [len(SKIP_REASONS)], the broken records met filling it; a row that cannot be filled
+  (a finite stream's end, or MAX_REPLACEMENTS broken tries) is only `skips` and is
+  dropped by the batcher.
+  """
+
+  def __init__(self, parent: grain.MapDataset, index: int, count: int, local_batch: int,
+               period: int):
     super().__init__(parent)
     self._p, self._local, self._global = index, local_batch, count * local_batch
-    self._length = (len(parent) // self._global) * local_batch
+    self._period = period
+    self._length = (len(parent) if count == 1
+                    else (len(parent) // self._global) * local_batch)
 
   def __len__(self) -> int:
     return self._length
 
-  def _parent_index(self, index: int) -> int:
+  def _position(self, index: int) -> int:
     k, j = divmod(index, self._local)
     return k * self._global + self._p * self._local + j
 
   def __getitem__(self, index):
     if isinstance(index, slice):
       return self.slice(index)
-    return self._parent[self._parent_index(index)]
+    q = self._position(index)
+    skips = np.zeros(len(SKIP_REASONS), np.int64)
+    for t in range(MAX_REPLACEMENTS):
+      position = q + t * self._period
+      if position >= len(self._parent):
+        break
+      x = self._parent[position]
+      if "skip" not in x:
+        return {**x, "skips": skips}
+      skips[int(x["skip"])] += 1
+    return {"skips": skips}
 
   def __str__(self) -> str:
-    return f"ProcessShard(index={self._p}, local_batch={self._local}, global={self._global})"
+    return (f"Rows(index={self._p}, local_batch={self._local}, global={self._global}, "
+            "broken records replaced from later epochs)")
 
 
 class BatchIterator(grain.DatasetIterator):
@@ -212,9 +244,8 @@ class BatchIterator(grain.DatasetIterator):
           raise
         break
       self._consumed += 1
-      if "skip" in x:
-        skipped[int(x["skip"])] += 1
-      else:
+      skipped += x["skips"]
+      if "input_ids" in x:  # (else a row that could not be filled)
         values.append(x)
     self._skipped += skipped
     self._last = skipped
@@ -322,8 +353,7 @@ def make_dataset(source, cfg: LaViDaConfig, tokenizer: text.Tokenizer,
   ds = ds.map_with_index(Preprocessor(cfg, tokenizer, specials, length, seed=seed,
                                       max_views=max_views, template=template,
                                       system_prompt=system_prompt, fim=fim))
-  if process_count > 1:
-    ds = _ProcessShard(ds, process_index, process_count, local)
+  ds = _Rows(ds, process_index, process_count, local, period=len(source))
   prefetch = 2 * local if prefetch is None else prefetch
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=prefetch))
@@ -340,11 +370,12 @@ def process_state(saved: Mapping, global_batch_size: int, process_index: int,
   saved: `{"process_count": n, "states": [the state of process 0, ..., n - 1]}` (a
     single state, as older checkpoints hold, is every process's).
   Same process count: the process's own state. Another count (a job resumed on
-  another slice): process p had consumed c_p elements of its own slots, L = G / n
-  per global batch, so global batches [0, k) with k = max_p ceil(c_p / L) were
-  started; every new process starts at global batch k. Exact when no record was
-  skipped; otherwise no example is repeated and fewer than one global batch per
-  process is passed over. Skip counts carry over (their sum, on process 0).
+  another slice): process p had consumed c_p rows of its own slots, L = G / n per
+  global batch, so global batches [0, k) with k = max_p ceil(c_p / L) were started;
+  every new process starts at global batch k. Rows are filled the same way for any
+  process count (`_Rows`: broken records are replaced, not skipped over), so at a
+  step boundary c_p = kL on every process and the resumed run sees exactly the
+  batches the old one would have. Skip counts carry over (their sum, on process 0).
   """
   if "states" not in saved:
     return dict(saved)
