@@ -165,7 +165,7 @@ def main(argv):
   if len(argv) > 1:
     raise SystemExit(f"unexpected arguments: {argv[1:]}")
   checkpoint = generate.resolve_checkpoint(FLAGS.checkpoint)
-  model = lavida_jax.load_pretrained(checkpoint, dtype=FLAGS.dtype)
+  model = lavida_jax.load_pretrained(checkpoint, dtype=FLAGS.dtype, quantize=FLAGS.quantize)
   tokenizer = generate.load_tokenizer_for(checkpoint, FLAGS.tokenizer)
   system_prompt = generate.system_prompt_for(checkpoint)
   pairs = qa_pairs(read_records(FLAGS.data), FLAGS.image_folder)[:FLAGS.num_examples or None]
@@ -194,6 +194,7 @@ def _flags():
   flags.DEFINE_integer("batch_size", 8, "Requests per batch.")
   generate.define_decoding_flags(steps_list=True)
   flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
+  generate.define_quantize_flag()
 
 
 if __name__ == "__main__":

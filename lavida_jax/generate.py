@@ -507,6 +507,13 @@ def define_decoding_flags(steps_list: bool = False):
                 "Which positions to commit first.")
 
 
+def define_quantize_flag():
+  """--quantize, shared by generate, evaluate and serve (`models/quant.py`)."""
+  from absl import flags as f
+  f.DEFINE_enum("quantize", None, ["int8"], "int8: the LM's linear layers as int8 weights "
+                "with per-channel scales (qwix): half the bytes of bfloat16.")
+
+
 def decoding_from_flags(FLAGS, mask_id: int, steps: int | None = None):
   """-> (SamplerConfig, cache mode) from `define_decoding_flags`' flags."""
   cfg = sampler_lib.SamplerConfig(
@@ -532,6 +539,7 @@ def _flags():
   f.DEFINE_integer("seed", 0, "PRNG seed.")
   f.DEFINE_integer("batch_size", 8, "Requests per batch in batch mode.")
   f.DEFINE_string("dtype", "float32", "Parameter dtype.")
+  define_quantize_flag()
   return flags.FLAGS
 
 
@@ -545,7 +553,7 @@ def main(argv):
   if (FLAGS.requests is None) == (FLAGS.prompt is None):
     raise SystemExit("give either --prompt (with --image) or --requests")
   checkpoint = resolve_checkpoint(FLAGS.checkpoint)
-  model = lavida_jax.load_pretrained(checkpoint, dtype=FLAGS.dtype)
+  model = lavida_jax.load_pretrained(checkpoint, dtype=FLAGS.dtype, quantize=FLAGS.quantize)
   tokenizer = load_tokenizer_for(checkpoint, FLAGS.tokenizer)
   system_prompt = system_prompt_for(checkpoint)
   try:

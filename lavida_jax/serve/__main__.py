@@ -35,13 +35,12 @@ flags.DEFINE_string("served_model_name", None, "Model id in the API (default: th
                     "checkpoint's folder or hub name).")
 flags.DEFINE_string("tokenizer", None, "Tokenizer file/folder (default: beside the checkpoint).")
 flags.DEFINE_string("dtype", "float32", "Parameter dtype.")
-flags.DEFINE_enum("quantize", None, ["int8"], "int8: the LM's linear layers as int8 weights "
-                  "(qwix, per-channel scales): half the bytes of bfloat16.")
 flags.DEFINE_boolean("warmup", True, "Compile the default settings' programs before serving.")
 flags.DEFINE_integer("warmup_tokens", 128, "Warm the prompt buckets of a one-image question "
                      "with up to this many text tokens.")
 flags.DEFINE_string("log_file", None, "Library logs (default: $TMPDIR/lavida_jax_serve.log).")
 generate.define_decoding_flags()
+generate.define_quantize_flag()
 
 
 def main(argv):
