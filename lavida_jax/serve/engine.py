@@ -87,7 +87,7 @@ class Engine:
     self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
     self.max_batch, self.window = max_batch, batch_window_ms / 1000
     self.sizes = batch_sizes(max_batch)
-    self.views = max_views(model.cfg.image)
+    self.views = model.cfg.image.max_views  # one compiled pixel shape
     self.on_batch = on_batch  # on_batch(size, padded_size, seconds): metrics
     self._queue: collections.deque[Job] = collections.deque()
     self._max_queue = max_queue
@@ -247,10 +247,3 @@ class Engine:
       if job is not None and job.on_step is not None and not job.cancelled:
         job.on_step(np.asarray(canvas[b]), int(steps[b]))
 
-
-def max_views(image_cfg) -> int:
-  """Views of the largest anyres grid (+ the global view); 1 without anyres."""
-  if not image_cfg.anyres:
-    return 1
-  return 1 + max((w // image_cfg.size) * (h // image_cfg.size)
-                 for w, h in image_cfg.pinpoints)
