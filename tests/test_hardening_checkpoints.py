@@ -154,9 +154,11 @@ def _state(model):
               opt_state=opt_state, rng=jax.random.key(3))
 
 
-@pytest.fixture()
-def step(saved, tmp_path, tiny_tokenizer):
-  """A training step saved by train.Checkpoints: (workdir, step folder, state)."""
+@pytest.fixture(scope="module")
+def step(saved, tmp_path_factory, tiny_tokenizer):
+  """A training step saved by train.Checkpoints: (workdir, step folder, state); tests
+  damage copies only."""
+  tmp_path = tmp_path_factory.mktemp("step")
   src, _, _, _ = saved
   model = lavida_jax.load_pretrained(src)
   state = _state(model)
