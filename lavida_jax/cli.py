@@ -28,7 +28,11 @@ def one_line(e: BaseException) -> str:
   """An exception as the one line a user sees: its message, else its type."""
   if isinstance(e, SystemExit):
     return str(e.code).removeprefix("error: ")
-  text = " ".join(str(e).split()) if str(e).strip() else type(e).__name__
+  message = str(e)
+  if "Traceback (most recent call last):" in message:  # ml_collections embeds one
+    head, _, tail = message.partition("Traceback (most recent call last):")
+    message = head + [line for line in tail.splitlines() if line.strip()][-1]
+  text = " ".join(message.split()) if message.strip() else type(e).__name__
   if isinstance(e, (KeyError, AttributeError, TypeError, IndexError, ZeroDivisionError,
                     AssertionError, NotImplementedError, RuntimeError)):
     text = f"{type(e).__name__}: {text}"  # a bug more than a usage error: say which kind
@@ -78,10 +82,11 @@ def fail(e: BaseException) -> None:
 
 
 def parse_flags(argv):
-  """absl's parser, but a bad flag is one line and exit status 2."""
+  """absl's parser, but a bad flag (or a --config file that does not load) is one line
+  and exit status 2."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
+  except (flags.Error, OSError, ValueError) as e:
     print(f"error: {one_line(e)} (see --help)", file=sys.stderr)
     sys.exit(EXIT_USAGE)
 
@@ -92,8 +97,8 @@ def run(main: Callable, log_file: Callable[[], str | None] | None = None,
   flags are parsed (e.g. from --workdir)."""
 
   def wrapped(argv):
-    quiet_logging(log_file() if log_file else None)
-    try:
+    try:  # (naming the log file may load the config: its errors are one line too)
+      quiet_logging(log_file() if log_file else None)
       return main(argv)
     except KeyboardInterrupt:
       raise

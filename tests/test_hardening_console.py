@@ -92,6 +92,22 @@ def test_one_line_names_bugs_by_type():
   assert cli.one_line(ValueError("bad\n  thing")) == "bad thing"
   assert cli.one_line(KeyError("k")) == "KeyError: 'k'"
   assert cli.one_line(SystemExit("error: nope")) == "nope"
+  embedded = ValueError("flag --config=x: Error whilst parsing config file: Traceback (most "
+                        "recent call last):\n  File \"x.py\", line 1\nValueError: stage 9")
+  assert cli.one_line(embedded) == ("flag --config=x: Error whilst parsing config file: "
+                                    "ValueError: stage 9")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+    (["--config=configs/cpu_demo.py:stage=9"], "unknown config argument 'stage=9'"),
+    (["--config.train.no_such_key=1"], "unknown config key 'no_such_key'"),
+    (["--workdir=/proc/no/such"], "No such file or directory"),
+])
+def test_main_errors_are_one_line_with_status_2(args, message):
+  out = _run("-m", "lavida_jax.main", *args, "--config.train.steps=1")
+  assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+  assert out.stderr.startswith("error: ") and message in out.stderr, out.stderr
 
 
 SUMMARY = {"step": 2000, "loss": 0.01234, "wall_s": 720.4, "skipped": {"too_long": 3,
