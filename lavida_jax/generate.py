@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import os
 import sys
 import time
@@ -476,6 +477,11 @@ def system_prompt_for(checkpoint: str) -> str | None:
   if path:
     with open(path) as f:
       return json.load(f).get("system_prompt", text_lib.SYSTEM_PROMPT)
+  if any(os.path.isdir(os.path.join(folder, "opt_state")) for folder in side_folders(checkpoint)):
+    # A training step written before steps were self-contained, moved out of its run:
+    # its prompts may have been built otherwise. Say so rather than guess silently.
+    logging.warning("%s is a training step without generation.json (older runs kept it "
+                    "beside the steps): using LaViDa's system prompt", checkpoint)
   return text_lib.SYSTEM_PROMPT
 
 

@@ -230,3 +230,15 @@ def test_a_step_with_a_changed_side_file_is_refused(step, tmp_path):
     f.write('{"system_prompt": "something else"}')
   with pytest.raises(CheckpointError, match="file generation.json"):
     lavida_jax.load_pretrained(alone)
+
+
+def test_an_older_step_without_side_files_says_so(step, tmp_path, caplog):
+  """Steps written before they were self-contained kept generation.json beside them:
+  moved alone, the fallback to LaViDa's system prompt is announced, not silent."""
+  _, folder, _ = step
+  old = str(tmp_path / "old-step")
+  shutil.copytree(folder, old)
+  shutil.rmtree(os.path.join(old, "files"))
+  with caplog.at_level("WARNING"):
+    assert generate.system_prompt_for(old) == generate.text_lib.SYSTEM_PROMPT
+  assert "training step without generation.json" in caplog.text
