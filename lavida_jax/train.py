@@ -189,7 +189,7 @@ class Checkpoints:
                                                       shardings["opt_state"])),
           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
-      raise orbax_lib.diagnose(folder, e) from None
+      raise orbax_lib.diagnose(folder, e, ("params", "opt_state")) from None
     orbax_lib.verify_arrays(orbax_lib.flatten(out["params"]), orbax_lib.checksums(folder),
                             "parameter", os.path.join(folder, "params"))
     orbax_lib.verify_arrays(_keyed(out["opt_state"]), orbax_lib.checksums(folder, "opt_state"),

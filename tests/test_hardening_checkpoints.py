@@ -187,13 +187,16 @@ def test_training_step_restores_and_refuses_each_damaged_item(step, tmp_path):
   np.testing.assert_array_equal(new["opt_state"][0].mu["lm"]["embed"],
                                 state["opt_state"][0].mu["lm"]["embed"])
   for item, what in (("params", "parameter"), ("opt_state", "optimizer state")):
-    copy = str(tmp_path / f"copy-{item}")
-    shutil.copytree(work, copy)
-    step_copy = os.path.join(copy, "checkpoints", "7")
-    data = _largest(step_copy, f"{item}/ocdbt.process_0/d/")
-    _damage(os.path.join(step_copy, data), "flip")
-    with pytest.raises(CheckpointError, match=f"{what} .* in .*{item}"):
-      _restore(copy, state)
+    for how, message in (("flip", f"checksum mismatch: {what} .* in .*{item}"),
+                         ("truncate", f"cannot be read from .*{item}, a truncated")):
+      copy = str(tmp_path / f"copy-{item}-{how}")
+      shutil.copytree(work, copy)
+      step_copy = os.path.join(copy, "checkpoints", "7")
+      data = _largest(step_copy, f"{item}/ocdbt.process_0/d/")
+      _damage(os.path.join(step_copy, data), how)
+      with pytest.raises(CheckpointError, match=message) as e:
+        _restore(copy, state)
+      assert "\n" not in str(e.value)
 
 
 def test_a_step_folder_copied_alone_answers_the_same(step, tmp_path, tiny_tokenizer):

@@ -420,9 +420,10 @@ class ParamReader:
     return out
 
 
-def unreadable(step: str, path: str, e: BaseException) -> CheckpointError:
-  return CheckpointError(f"Orbax parameter {path} cannot be read from "
-                         f"{os.path.join(step, PARAMS_ITEM)}, a truncated or corrupt file "
+def unreadable(step: str, path: str, e: BaseException, item: str = PARAMS_ITEM):
+  what = "parameter" if item == PARAMS_ITEM else f"{item} array"
+  return CheckpointError(f"Orbax {what} {path} cannot be read from "
+                         f"{os.path.join(step, item)}, a truncated or corrupt file "
                          f"({_short(e)})")
 
 
@@ -467,14 +468,29 @@ def verify_arrays(arrays: dict, crcs: dict[str, str], what: str, where: str) -> 
   return n
 
 
-def diagnose(step: str, e: BaseException) -> CheckpointError:
-  """A failed restore -> one line naming the parameter: the one the message names
-  (tensorstore spells 'a/b' as 'a.b'), else the first that fails to read alone."""
-  meta = params_metadata(step)
+def array_names(step: str, item: str) -> list[str]:
+  """Tensorstore names ('0.mu.lm.embed') of every array of an item, from its metadata
+  ([] when that is unreadable too)."""
+  try:
+    tree = ocp.PyTreeCheckpointer().metadata(os.path.abspath(os.path.join(step, item)))
+    tree = getattr(getattr(tree, "item_metadata", tree), "tree", tree)
+    leaves = jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "name") and hasattr(x, "shape"))
+    return [str(x.name) for x in leaves if hasattr(x, "name")]
+  except Exception:  # pylint: disable=broad-except
+    return []
+
+
+def diagnose(step: str, e: BaseException, items=(PARAMS_ITEM,)) -> CheckpointError:
+  """A failed restore -> one line naming the array: the one the message names (in
+  tensorstore's spelling, 'a.b' for 'a/b'), else the first parameter that fails to
+  read alone."""
   message = str(e)
-  for path in sorted(meta, key=len, reverse=True):
-    if re.search(re.escape(path.replace("/", ".")) + r"\b", message):
-      return unreadable(step, path, e)
+  for item in items:
+    for name in sorted(array_names(step, item), key=len, reverse=True):
+      if re.search(r"(?<![\w.])" + re.escape(name) + r"\b", message):
+        path = name.replace(".", "/") if item == PARAMS_ITEM else name
+        return unreadable(step, path, e, item)
+  meta = params_metadata(step)
   reader = ParamReader(step)
   for path in meta:
     try:
