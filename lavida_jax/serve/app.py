@@ -191,7 +191,17 @@ def create_app(eng: engine_lib.Engine, defaults: engine_lib.Settings, model_name
       return f"data: {c.model_dump_json(exclude_none=True)}\n\n"
 
     async def sse():
-      sent = ""
+      sent, mask_id = "", job.settings.sampler.mask_id
+
+      def step_chunk(canvas, step) -> str:
+        nonlocal sent
+        new = decode(committed_prefix(canvas, mask_id))
+        delta = new[len(sent):] if new.startswith(sent) else ""
+        sent += delta
+        view = schema.Canvas(step=step, seconds=round(time.perf_counter() - t0, 4),
+                             tokens=canvas_tokens(canvas, mask_id))
+        return chunk(schema.Delta(content=delta or None), canvas=view)
+
       try:
         yield chunk(schema.Delta(role="assistant", content=""))
         waiter = asyncio.ensure_future(_wait(future, job, limits))
@@ -201,17 +211,14 @@ def create_app(eng: engine_lib.Engine, defaults: engine_lib.Settings, model_name
           if not getter.done():
             getter.cancel()
             break
-          canvas, step = getter.result()
-          new = decode(committed_prefix(canvas, job.settings.sampler.mask_id))
-          delta = new[len(sent):] if new.startswith(sent) else ""
-          sent += delta
-          view = schema.Canvas(step=step, seconds=round(time.perf_counter() - t0, 4),
-                               tokens=canvas_tokens(canvas, job.settings.sampler.mask_id))
-          yield chunk(schema.Delta(content=delta or None), canvas=view)
+          yield step_chunk(*getter.result())
+        while not events.empty():  # steps posted before the result (callbacks are FIFO)
+          yield step_chunk(*events.get_nowait())
         try:
           ids, nfe, seconds = waiter.result()
-        except ClientError as e:
-          yield f"data: {json.dumps({'error': {'message': str(e), 'type': e.type}})}\n\n"
+        except Exception as e:  # pylint: disable=broad-except
+          kind = e.type if isinstance(e, ClientError) else "server_error"
+          yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind}})}\n\n"
           return
         final = decode(ids)
         rest = final[len(sent):] if final.startswith(sent) else ""
