@@ -19,7 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import lavida_jax
 from lavida_jax import convert, sharding
-from lavida_jax.checkpoint import export, hf
+from lavida_jax.checkpoint import export, hf, streamed
 from lavida_jax.checkpoint import orbax as orbax_lib
 from lavida_jax.checkpoint.shards import INDEX_NAME, Checkpoint, CheckpointError
 from lavida_jax.models.lavida import FAMILIES, LaViDaConfig
@@ -335,7 +335,7 @@ def test_disk_full_during_hf_to_orbax_leaves_nothing(converted, tmp_path, monkey
   dst = tmp_path / "orbax"
   dst.mkdir()
   (dst / "old.txt").write_text("previous")
-  real = orbax_lib.write_block
+  real = streamed.write_block
 
   async def fail(store, index, block, calls={"n": 0}):
     calls["n"] += 1
@@ -343,7 +343,7 @@ def test_disk_full_during_hf_to_orbax_leaves_nothing(converted, tmp_path, monkey
       raise OSError(errno.ENOSPC, "No space left on device")
     await real(store, index, block)
 
-  monkeypatch.setattr(orbax_lib, "write_block", fail)
+  monkeypatch.setattr(streamed, "write_block", fail)
   with pytest.raises(CheckpointError, match="no space left"):
     convert.hf_to_orbax(src, str(dst), overwrite=True)
   assert sorted(os.listdir(dst)) == ["old.txt"]  # the old destination is untouched
