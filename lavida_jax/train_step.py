@@ -20,6 +20,7 @@ from flax import nnx
 
 from lavida_jax.diffusion import loss as loss_lib
 from lavida_jax.diffusion import masking
+from lavida_jax.models import lora
 from lavida_jax.sharding import constrain
 
 
@@ -44,6 +45,7 @@ class StepConfig:
 def loss_fn(params, frozen, graphdef, batch, rng, sc: StepConfig):
   """-> (loss, metrics) for one (micro)batch."""
   model = nnx.merge(graphdef, nnx.State(params), nnx.State(frozen))
+  lora.set_dropout_keys(model, jax.random.fold_in(rng, 1))  # (no-op without LoRA dropout)
   # Vision features are computed once and shared by both masked views.
   x = model.embed_packed(batch["input_ids"], batch["pixel_values"], batch["image_index"],
                          batch["image_weight"])
@@ -113,9 +115,14 @@ def train_step(state: dict, batch: dict, *, graphdef, tx: optax.GradientTransfor
   return new_state, metrics
 
 
-def split_params(model: nnx.Module, trained_groups: tuple[str, ...]) -> tuple[Any, dict, dict]:
-  """(graphdef, trained params, frozen params) as pure dicts, by optimizer group."""
+def split_params(model: nnx.Module, trained_groups: tuple[str, ...],
+                 adapters_only: bool = False) -> tuple[Any, dict, dict]:
+  """(graphdef, trained params, frozen params) as pure dicts, by optimizer group.
+
+  adapters_only: only the groups' LoRA adapters are trained (models/lora.py).
+  """
   from lavida_jax.optimizer import group_of
   trained = lambda path, _: group_of(path) in trained_groups
-  graphdef, params, frozen = nnx.split(model, nnx.All(nnx.Param, trained), ...)
+  kind = lora.LoRAParam if adapters_only else nnx.Param
+  graphdef, params, frozen = nnx.split(model, nnx.All(kind, trained), ...)
   return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)

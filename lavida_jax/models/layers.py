@@ -48,6 +48,9 @@ class Linear(nnx.Module):
                  if bias else None)
     self.dtype = dtype
     self.kernel_scale = nnx.data(None)  # int8 weight-only: per-channel scales (quant.py)
+    # LoRA (lora.py): y += scale · dropout(x) A B, A: [*in, r], B: [r, *out] (fp32 params).
+    self.lora_a = self.lora_b = self.lora_key = nnx.data(None)
+    self.lora_scale, self.lora_dropout = 0.0, 0.0
 
   def __call__(self, x):
     dtype = self.dtype or x.dtype
@@ -63,7 +66,19 @@ class Linear(nnx.Module):
       y = jnp.einsum(equation, x.astype(dtype), self.kernel[...].astype(dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(dtype)
+    if self.lora_a is not None:
+      y = y + self._lora(x.astype(dtype), ins, outs, dtype)
     return y
+
+  def _lora(self, x, ins: str, outs: str, dtype):
+    """scale · (dropout(x) A) B: the rank-r path, never the [in, out] product."""
+    if self.lora_key is not None and self.lora_dropout > 0:  # set only in a train step
+      keep = jax.random.bernoulli(jax.random.wrap_key_data(self.lora_key[...]),
+                                  1.0 - self.lora_dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.lora_dropout), 0).astype(dtype)
+    h = jnp.einsum(f"...{ins},{ins}r->...r", x, self.lora_a[...].astype(dtype))
+    y = jnp.einsum(f"...r,r{outs}->...{outs}", h, self.lora_b[...].astype(dtype))
+    return y * jnp.asarray(self.lora_scale, dtype)
 
 
 class RMSNorm(nnx.Module):

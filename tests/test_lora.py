@@ -1,0 +1,163 @@
+"""LoRA adapters: the closed form, merge == unmerged, targets and axes, and a train step
+that changes the adapters alone (their optimizer state alone)."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lavida_jax import optimizer, train_step
+from lavida_jax.models import layers, lora
+from lavida_jax.models.lavida import LaViDa, LaViDaConfig
+from tests.test_train_step import CFG, SC, _batch
+
+LCFG = lora.LoRAConfig(rank=4, alpha=8.0)
+
+
+@functools.cache
+def _graph_state():
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: LaViDa(CFG, rngs=nnx.Rngs(0))))
+  return graphdef, jax.jit(lambda: nnx.state(LaViDa(CFG, rngs=nnx.Rngs(0))))()
+
+
+def _model(targets=lora.LM_TARGETS, random_b=True, dropout=0.0):
+  """The tiny model (a fresh copy) with adapters; B random so that they do something."""
+  model = nnx.merge(*_graph_state())
+  cfg = lora.LoRAConfig(LCFG.rank, LCFG.alpha, dropout, tuple(targets))
+  lora.add_adapters(model, cfg, seed=1)
+  if random_b:
+    for i, (_, linear) in enumerate(lora.adapted(model)):
+      b = linear.lora_b[...]
+      linear.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), b.shape, b.dtype)
+  return model
+
+
+def test_fresh_adapter_changes_nothing():
+  """PEFT's init (B = 0): the adapted model's logits are the base's, bit for bit."""
+  ids = np.random.default_rng(0).integers(0, 250, (2, 9))
+  base = nnx.merge(*_graph_state())
+  adapted = _model(random_b=False)
+  np.testing.assert_array_equal(np.asarray(adapted.lm(ids)), np.asarray(base.lm(ids)))
+
+
+def test_linear_closed_form_heads_layout():
+  """q: kernel [D, N, H]; y = x W + (alpha / r) (x A) B, A [D, r], B [r, N, H]."""
+  model = _model()
+  q = model.lm.blocks.attn.q
+  w, a, b = (np.asarray(v[...][0], np.float64) for v in (q.kernel, q.lora_a, q.lora_b))
+  x = np.random.default_rng(1).normal(size=(3, w.shape[0]))
+  layer0 = jax.tree.map(lambda v: v[0], nnx.state(q))
+  y = nnx.merge(nnx.graphdef(q), layer0)(jnp.asarray(x, jnp.float32))
+  d, n, h = w.shape
+  want = (x @ w.reshape(d, n * h) + 2.0 * (x @ a) @ b.reshape(4, n * h)).reshape(3, n, h)
+  np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+  assert a.shape == (d, 4) and b.shape == (4, n, h)
+
+
+@pytest.mark.parametrize("targets", [lora.LM_TARGETS, ("q", "v", "projector", "vision")])
+def test_merge_equals_unmerged_forward(targets):
+  """merge() folds scale A B into each kernel: the same logits with images, no adapters."""
+  from tests.test_train_step import _batch
+  batch = jax.tree.map(jnp.asarray, _batch(2))
+  model = _model(targets)
+
+  def logits(m):
+    x = m.embed_packed(batch["input_ids"], batch["pixel_values"], batch["image_index"],
+                       batch["image_weight"])
+    return np.asarray(m.lm.logits_from_hidden(m.lm.hidden(x)))
+
+  before = logits(model)
+  base = logits(nnx.merge(*_graph_state()))
+  lora.merge(model)
+  assert not lora.adapted(model) and not jax.tree.leaves(nnx.state(model, lora.LoRAParam))
+  after = logits(model)
+  assert np.abs(before - base).max() > 1e-2  # the adapters do change the logits
+  np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5 * np.abs(before).max())
+
+
+def test_targets_and_logical_axes():
+  model = _model(("q", "down", "projector", "vision"))
+  paths = {"/".join(p) for p, _ in lora.adapted(model)}
+  assert paths == {"lm/blocks/attn/q", "lm/blocks/mlp/down", "projector/fc1", "projector/fc2",
+                   "vision/blocks/attn/q", "vision/blocks/attn/k", "vision/blocks/attn/v",
+                   "vision/blocks/attn/o", "vision/blocks/mlp/fc1", "vision/blocks/mlp/fc2"}
+  q = model.lm.blocks.attn.q
+  assert q.lora_a.get_metadata()["out_sharding"] == ("layers", "embed", "lora_rank")
+  assert q.lora_b.get_metadata()["out_sharding"] == ("layers", "lora_rank", "q_heads",
+                                                     "head_dim")
+  o = model.vision.blocks.attn.o
+  assert o.lora_a[...].shape[-1] == 4 and o.lora_a[...].ndim == 4  # [L, N, H, r]
+  for _, v in nnx.to_flat_state(nnx.state(model, lora.LoRAParam)):
+    names = v.get_metadata()["out_sharding"]
+    assert len(names) == v.get_value().ndim and v.get_value().dtype == jnp.float32
+
+
+def test_bad_configs_are_refused_by_name():
+  with pytest.raises(ValueError, match="unknown LoRA target.*'qkv'"):
+    lora.LoRAConfig(4, 8.0, targets=("qkv",))
+  with pytest.raises(ValueError, match="rank is 0"):
+    lora.LoRAConfig(0, 8.0)
+  model = _model(("q",))
+  with pytest.raises(ValueError, match="lm/blocks/attn/q already has"):
+    lora.add_adapters(model, lora.LoRAConfig(4, 8.0, targets=("q",)))
+
+
+def test_train_step_changes_only_the_adapters():
+  """adapters_only: the params are the adapters (fp32) over a bf16 base; one step moves
+  every adapter and no base weight; the optimizer state is the adapters' shape alone."""
+  model = _model(random_b=False)
+  # The base in bf16, the adapters stay fp32.
+  base_state = nnx.state(model, nnx.Not(lora.LoRAParam))
+  nnx.update(model, jax.tree.map(lambda x: x.astype(jnp.bfloat16)
+                                 if x.dtype == jnp.float32 else x, base_state))
+  groups = ("projector", "lm")
+  graphdef, params, frozen = train_step.split_params(model, groups, adapters_only=True)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  assert leaves and all(str(p[-1].key) in ("lora_a", "lora_b") for p, _ in leaves)
+  assert all(x.dtype == jnp.float32 for _, x in leaves)
+  tx, scheds = optimizer.make_optimizer({g: 1e-2 for g in groups}, 10)
+  opt_state = tx.init(params)
+  n_adapter = sum(x.size for x in jax.tree.leaves(params))
+  assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim) == 2 * n_adapter  # mu, nu
+  state = dict(step=jnp.int32(0), params=params, frozen=frozen, opt_state=opt_state,
+               rng=jax.random.key(0))
+  step = jax.jit(functools.partial(train_step.train_step, graphdef=graphdef, tx=tx, sc=SC,
+                                   schedules=scheds))
+  new, _ = step(state, jax.tree.map(jnp.asarray, _batch(2)))  # optax's warmup: lr 0 at 0
+  new, metrics = step(new, jax.tree.map(jnp.asarray, _batch(2, seed=1)))
+  assert np.isfinite(float(metrics["loss"]))
+  for (path, old), new_leaf in zip(leaves, jax.tree.leaves(new["params"])):
+    if str(path[-1].key) == "lora_b":  # B = 0 at init: its gradient is x A (nonzero)
+      assert np.abs(np.asarray(new_leaf - old)).max() > 0, path
+  same = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), frozen, new["frozen"])
+  assert all(jax.tree.leaves(same))
+
+
+def test_dropout_changes_training_forward_only():
+  """With a dropout key (set by the train step) the adapter path drops inputs; without
+  one (inference) the forward is deterministic and equal to the no-dropout model."""
+  ids = np.random.default_rng(2).integers(0, 250, (1, 7))
+  plain = np.asarray(_model(dropout=0.0).lm(ids))
+  model = _model(dropout=0.5)
+  np.testing.assert_array_equal(np.asarray(model.lm(ids)), plain)
+  lora.set_dropout_keys(model, jax.random.key(0))
+  dropped = np.asarray(model.lm(ids))
+  assert np.abs(dropped - plain).max() > 1e-3
+
+
+def test_int8_base_takes_adapters_but_not_merge():
+  """QLoRA: an int8 base (quant.py) with fp32 adapters computes int8 x W + scale x A B."""
+  from lavida_jax.models import quant
+  ids = np.random.default_rng(3).integers(0, 250, (1, 7))
+  model = _model(random_b=False)
+  quant.quantize_lm(model)
+  base_q = np.asarray(model.lm(ids))
+  for i, (_, linear) in enumerate(lora.adapted(model)):
+    b = linear.lora_b[...]
+    linear.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(i), b.shape, b.dtype)
+  assert np.abs(np.asarray(model.lm(ids)) - base_q).max() > 1e-2
+  assert model.lm.blocks.attn.q.kernel[...].dtype == jnp.int8
+  with pytest.raises(ValueError, match="int8 kernel"):
+    lora.merge(model)
