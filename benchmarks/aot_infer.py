@@ -154,9 +154,13 @@ def run_worker(runtime, length, batch, quantize, libtpu, timeout) -> dict:
     return dict(runtime=runtime, L=length, B=batch, error=f"timed out after {timeout} s")
   lines = [l for l in proc.stdout.splitlines() if l.startswith("AOT_RESULT ")]
   if proc.returncode or not lines:
+    row = dict(runtime=runtime, quantize=quantize or "bf16", L=length, B=batch,
+               hbm=RUNTIMES[runtime]["hbm_gib"] * GiB)
+    oom = [l for l in proc.stderr.splitlines() if "RESOURCE_EXHAUSTED" in l]
+    if oom:  # the TPU compiler refuses a program that cannot fit: the answer is "no"
+      return dict(row, fits=False, error=oom[-1].split("RESOURCE_EXHAUSTED:")[-1].strip())
     tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
-    return dict(runtime=runtime, quantize=quantize or "bf16", L=length, B=batch,
-                error=f"exit {proc.returncode}: " + " | ".join(tail))
+    return dict(row, error=f"exit {proc.returncode}: " + " | ".join(tail))
   return json.loads(lines[-1][len("AOT_RESULT "):])
 
 
@@ -167,8 +171,9 @@ def table(rows) -> str:
            "|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     if "error" in r:
+      verdict = "no" if r.get("fits") is False else "error"
       lines.append(f"| {r['runtime']} | {r.get('quantize', '')} | {r['L']} | {r['B']} | "
-                   f"error: {r['error'][:120]} |||||||")
+                   f"{r['error'][:160]} ||||| {r['hbm'] // GiB} | {verdict} |")
       continue
     lines.append(f"| {r['runtime']} ({r['devices']}x {r['device_kind']}) | {r['quantize']} | "
                  f"{r['L']} | {r['B']} | {g(r['params'])} | {g(r['cache'])} | "
