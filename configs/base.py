@@ -68,6 +68,17 @@ def base(model: str = "lavida-llada", stage: int = 2) -> ml_collections.ConfigDi
   c.train.compute_dtype = "bfloat16"
   c.train.seed = 0
 
+  # LoRA (models/lora.py): rank 0 = off. On: only the adapters train (fp32, at lora.lr),
+  # on the frozen base model.init (param_dtype, or int8 with quantize="int8": QLoRA);
+  # checkpoints hold the adapters and lora.json naming the base.
+  c.lora = ml_collections.ConfigDict()
+  c.lora.rank = 0
+  c.lora.alpha = 32.0  # scale alpha / rank
+  c.lora.dropout = 0.0
+  c.lora.targets = "q,k,v,o,gate,up,down"  # + "projector", "vision"
+  c.lora.lr = 2e-4
+  c.lora.quantize = ""
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every = 0  # steps; 0: only at the end
   c.eval.data = ""  # held-out LLaVA JSON/JSONL ("" with data.source=demo: its held-out split)

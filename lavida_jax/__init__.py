@@ -17,7 +17,8 @@ def load_pretrained(path: str, dtype: str = "float32", mesh=None, revision: str 
   `revision` into the cache under HF_HOME, or found there when HF_HUB_OFFLINE=1.
   The family is read from config.json. mesh: place parameters
   sharded over it by their logical axis names; from Orbax each device reads only its
-  own shard (default: the first device). quantize: "int8" for int8 weight-only LM
+  own shard (default: the first device). A LoRA training step (lora.json beside its
+  adapters) loads its base and merges the adapters in. quantize: "int8" for int8 weight-only LM
   linears (`models/quant.py`, qwix; half the bytes of bf16). config_overrides:
   LaViDaConfig fields, e.g. reference_compat=True.
   """
@@ -28,7 +29,11 @@ def load_pretrained(path: str, dtype: str = "float32", mesh=None, revision: str 
       raise ValueError(f"quantize={quantize!r}: expected one of {', '.join(quant.QUANTIZE)}")
   path = hub.resolve(path, revision)
   if orbax.is_orbax(path):
-    model = orbax.load_orbax(path, dtype=dtype, mesh=mesh, **config_overrides)
+    from lavida_jax.checkpoint import adapters
+    if adapters.is_adapter_step(path):  # a LoRA step: its base + the adapters, merged
+      model = adapters.load_adapter_step(path, dtype=dtype, mesh=mesh, **config_overrides)
+    else:
+      model = orbax.load_orbax(path, dtype=dtype, mesh=mesh, **config_overrides)
   else:
     from lavida_jax.checkpoint import hf
     model = hf.load_hf(path, dtype=dtype, mesh=mesh, **config_overrides)

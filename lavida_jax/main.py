@@ -77,7 +77,10 @@ def demo_args(cfg) -> dict:
   """`demo.prepare`'s arguments for a config: the same config, the same set."""
   return dict(seed=cfg.train.seed, num_train=cfg.data.demo_train,
               num_heldout=cfg.data.demo_heldout, image_size=cfg.model.image_size,
-              questions_per_image=cfg.data.get("demo_questions", 2))
+              questions_per_image=cfg.data.get("demo_questions", 2),
+              # Question kinds asked (comma strings; configs/cpu_demo_lora.py adds "exists").
+              **{k: tuple(cfg.data[f"demo_{k}"].split(",")) for k in ("kinds", "train_extra_kinds")
+                 if cfg.data.get(f"demo_{k}")})
 
 
 def make_train_data(cfg, workdir: str):

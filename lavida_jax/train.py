@@ -34,6 +34,7 @@ from lavida_jax import optimizer, sharding, text, train_step
 from lavida_jax.checkpoint import checksum, files_item, hf
 from lavida_jax.checkpoint import orbax as orbax_lib
 from lavida_jax.metrics import MetricWriter, Progress
+from lavida_jax.models import lora as lora_lib
 from lavida_jax.models.lavida import LaViDa, LaViDaConfig
 
 STAGE_GROUPS = {1: ("projector",), 2: ("vision", "projector", "lm"),
@@ -76,19 +77,47 @@ def step_config(cfg, mcfg: LaViDaConfig, tokenizer) -> train_step.StepConfig:
 
 
 def init_model(cfg, mcfg: LaViDaConfig, mesh) -> LaViDa:
+  """The model to train: cfg.model.init or a fresh one; with LoRA, adapters added (fp32)
+  on that base (bf16/fp32, or int8 with lora.quantize)."""
   dtype = jnp.dtype(cfg.train.param_dtype)
   compute = jnp.dtype(cfg.train.compute_dtype)
+  lcfg = lora_config(cfg)
   if cfg.model.init:
     import lavida_jax
-    return lavida_jax.load_pretrained(cfg.model.init, dtype=dtype, mesh=mesh)
-  return sharding.create_sharded(
-      lambda: LaViDa(mcfg, rngs=nnx.Rngs(cfg.train.seed), param_dtype=dtype, dtype=compute),
-      mesh)
+    quantize = (cfg.lora.get("quantize") or None) if lcfg else None
+    model = lavida_jax.load_pretrained(cfg.model.init, dtype=dtype, mesh=mesh,
+                                       quantize=quantize)
+  else:
+    model = sharding.create_sharded(
+        lambda: LaViDa(mcfg, rngs=nnx.Rngs(cfg.train.seed), param_dtype=dtype, dtype=compute),
+        mesh)
+  if lcfg is None:
+    return model
+  lora_lib.add_adapters(model, lcfg, cfg.train.seed)
+  return sharding.shard_model(model, mesh)  # the adapters placed by their logical axes
 
 
-def init_state(model: LaViDa, groups, tx, seed: int, mesh):
-  """-> (graphdef, state, state shardings); the optimizer state is made sharded too."""
-  graphdef, params, frozen = train_step.split_params(model, groups)
+def lora_config(cfg) -> lora_lib.LoRAConfig | None:
+  """The config's LoRA block (None without one, or with lora.rank = 0)."""
+  return lora_lib.LoRAConfig.from_config(cfg.lora) if "lora" in cfg else None
+
+
+def trained_groups(cfg) -> tuple[tuple[str, ...], dict[str, float]]:
+  """(optimizer groups trained, {group: peak lr}): the stage's groups, or with LoRA the
+  groups holding adapters, each at lora.lr."""
+  lcfg = lora_config(cfg)
+  if lcfg is None:
+    groups = STAGE_GROUPS[cfg.train.stage]
+    return groups, {g: cfg.train.lr[g] for g in groups}
+  groups = tuple(g for g in optimizer.GROUPS if g in lcfg.targets or
+                 (g == "lm" and set(lcfg.targets) & set(lora_lib.LM_TARGETS)))
+  return groups, {g: cfg.lora.lr for g in groups}
+
+
+def init_state(model: LaViDa, groups, tx, seed: int, mesh, adapters_only: bool = False):
+  """-> (graphdef, state, state shardings); the optimizer state is made sharded too.
+  adapters_only: state["params"] holds the LoRA adapters alone, the rest is frozen."""
+  graphdef, params, frozen = train_step.split_params(model, groups, adapters_only)
   shard = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
   rep = NamedSharding(mesh, P())
   # Made by jit with out_shardings, never on one device first (and device_put of a
@@ -133,7 +162,7 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, keep: int, hf_config: dict | None, tokenizer_path=None,
-               generation: dict | None = None):
+               generation: dict | None = None, lora_record: dict | None = None):
     root = os.path.join(workdir, "checkpoints")
     self.root = root if "://" in root else os.path.abspath(root)  # gs://... stays a URL
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
@@ -147,6 +176,15 @@ class Checkpoints:
     if tokenizer_path and os.path.isfile(tokenizer_path):
       self.side[os.path.basename(tokenizer_path)] = epath.Path(tokenizer_path).read_bytes()
     self.side[orbax_lib.GENERATION_FILE] = json.dumps(generation or {}).encode()
+    # A LoRA run saves the adapters alone and lora.json naming the base (adapters.py).
+    self.adapters_only = lora_record is not None
+    if self.adapters_only:
+      from lavida_jax.checkpoint import adapters  # pylint: disable=g-import-not-at-top
+      self.side[adapters.LORA_FILE] = json.dumps(lora_record, indent=1).encode()
+
+  def saved_params(self, state) -> dict:
+    """The params item: the whole model, or a LoRA run's adapters alone."""
+    return state["params"] if self.adapters_only else merge_params(state)
 
   def latest(self) -> int | None:
     return self.manager.latest_step()
@@ -160,7 +198,7 @@ class Checkpoints:
     orbax.verify_arrays)."""
     sums = {"algorithm": checksum.ALGORITHM,
             "files": {n: checksum.of_bytes(b) for n, b in self.side.items()},
-            "params": tree_checksums(merge_params(state), orbax_lib.flatten),
+            "params": tree_checksums(self.saved_params(state), orbax_lib.flatten),
             "opt_state": tree_checksums(state["opt_state"], _keyed)}
     meta = {"format": orbax_lib.FORMAT, "version": 1, "family": self.family,
             "items": ["params", "opt_state", "data", "meta", "files"], "checksums": sums}
@@ -170,7 +208,7 @@ class Checkpoints:
     step = int(state["step"])
     meta = dict(step=step, rng=np.asarray(jax.random.key_data(state["rng"])).tolist(), **extra)
     self.manager.save(step, force=force, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(merge_params(state)),
+        params=ocp.args.StandardSave(self.saved_params(state)),
         opt_state=ocp.args.StandardSave(state["opt_state"]),
         data=ocp.args.JsonSave(all_processes(data_state)), meta=ocp.args.JsonSave(meta),
         files=files_item.FilesSave(self.files(state))))
@@ -180,11 +218,12 @@ class Checkpoints:
     the recorded checksums; a corrupt or truncated step is refused in one line."""
     abstract = lambda tree, sh: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, sh)
-    params_sh = {**shardings["frozen"], **shardings["params"]}
+    params_sh = (shardings["params"] if self.adapters_only else
+                 {**shardings["frozen"], **shardings["params"]})
     folder = self.step_dir(step)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(abstract(merge_params(state), params_sh)),
+          params=ocp.args.StandardRestore(abstract(self.saved_params(state), params_sh)),
           opt_state=ocp.args.StandardRestore(abstract(state["opt_state"],
                                                       shardings["opt_state"])),
           data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
@@ -200,7 +239,8 @@ class Checkpoints:
         lambda: (jnp.int32(out["meta"]["step"]), jax.random.wrap_key_data(key_data)),
         out_shardings=(shardings["step"], shardings["rng"]))()
     new = dict(step=step, params={k: params[k] for k in state["params"]},
-               frozen={k: params[k] for k in state["frozen"]},
+               frozen=(state["frozen"] if self.adapters_only else
+                       {k: params[k] for k in state["frozen"]}),
                opt_state=out["opt_state"], rng=rng)
     return new, out["data"], out["meta"]
 
@@ -315,17 +355,22 @@ def train_and_evaluate(cfg, workdir: str, data, evaluate_fn=None) -> dict:
   mesh = make_mesh(cfg)
   mcfg = model_config(cfg, data.specials, len(data.tokenizer))
   sc = step_config(cfg, mcfg, data.tokenizer)
-  groups = STAGE_GROUPS[cfg.train.stage]
-  lrs = {g: cfg.train.lr[g] for g in groups}
+  groups, lrs = trained_groups(cfg)
+  lcfg = lora_config(cfg)
   tx, schedules = optimizer.make_optimizer(
       lrs, cfg.train.steps, warmup_ratio=cfg.train.warmup_ratio,
       final_ratio=cfg.train.final_ratio, weight_decay=cfg.train.weight_decay,
       clip_norm=cfg.train.clip_norm)
   model = init_model(cfg, mcfg, mesh)  # (eval_shape must not run under set_mesh)
-  graphdef, state, shardings = init_state(model, groups, tx, cfg.train.seed, mesh)
+  graphdef, state, shardings = init_state(model, groups, tx, cfg.train.seed, mesh,
+                                          adapters_only=lcfg is not None)
   del model
+  record = None
+  if lcfg is not None:
+    from lavida_jax.checkpoint import adapters  # pylint: disable=g-import-not-at-top
+    record = adapters.lora_record(lcfg, cfg.model.init, cfg.lora.get("quantize", ""))
   ckpts = Checkpoints(workdir, cfg.checkpoint.keep, hf.config_to_hf(mcfg), data.tokenizer_path,
-                      {"system_prompt": data.system_prompt})
+                      {"system_prompt": data.system_prompt}, record)
   from lavida_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   it = data.make_iterator(mcfg)
   start = ckpts.latest()
