@@ -2,11 +2,12 @@
 
 The base is the CPU demo's checkpoint (`python -m lavida_jax.main`, configs/cpu_demo.py;
 `--config.model.init=DIR` names another: a step folder or a checkpoints root, whose
-newest step is used). Rank-8 adapters on the LM's q/k/v/o/gate/up/down (fp32, 2% of the
-LM's weights) learn "Is there a {colour} {shape}?" -> yes / no; the base stays frozen.
-Each training scene is asked one of the demo's old kinds, the new one and the
-description (so the old answers are rehearsed, not forgotten); 1000 held-out scenes are
-each asked one question of the six kinds, and the accuracy per kind is printed.
+newest step is used). Rank-16 adapters on the LM's q/k/v/o/gate/up/down (fp32) learn
+"Is there a {colour} {shape}?" -> yes / no; the base stays frozen. Each training scene
+is asked the new kind and one of the demo's old kinds (rehearsed, not forgotten; the
+descriptions are left out: with them a third of the records, the adapters learned
+only to say "yes"); 1000 held-out scenes are each asked one question of the six
+kinds, and the accuracy per kind is printed.
 Checkpoints hold the adapters and lora.json naming the base; `load_pretrained`,
 generate, evaluate and serve take such a step (the adapters merged into the base).
 
@@ -26,17 +27,17 @@ def get_config(arg: str | None = None):
   c.workdir = "/tmp/lavida_jax_demo_lora"
   c.model.init = "/tmp/lavida_jax_demo/checkpoints"  # the base: the CPU demo's run
 
-  c.lora.rank = 8
+  c.lora.rank = 16
   c.lora.alpha = 16.0
   c.lora.targets = "q,k,v,o,gate,up,down"
-  c.lora.lr = 3e-3
+  c.lora.lr = 5e-3
 
   c.data.demo_kinds = ("colour_of_shape,shape_of_colour,count,leftmost_colour,"
                        "rightmost_colour,exists")
-  c.data.demo_train_extra_kinds = "describe,exists"  # every training scene: the new kind too
+  c.data.demo_train_extra_kinds = "exists"  # every training scene: the new kind too
   c.data.demo_heldout = 1000
 
-  c.train.steps = 400
+  c.train.steps = 800
   c.train.warmup_ratio = 0.05
 
   c.eval.num_examples = 1000

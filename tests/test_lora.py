@@ -161,3 +161,18 @@ def test_int8_base_takes_adapters_but_not_merge():
   assert model.lm.blocks.attn.q.kernel[...].dtype == jnp.int8
   with pytest.raises(ValueError, match="int8 kernel"):
     lora.merge(model)
+
+
+def test_configs():
+  """base: rank 0 = no LoRA; the demo's LoRA config: LM targets, base from model.init."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+  import base
+  import cpu_demo_lora
+  assert lora.LoRAConfig.from_config(base.base().lora) is None
+  c = cpu_demo_lora.get_config()
+  cfg = lora.LoRAConfig.from_config(c.lora)
+  assert cfg.targets == lora.LM_TARGETS and cfg.scale == c.lora.alpha / c.lora.rank
+  assert c.model.init == "/tmp/lavida_jax_demo/checkpoints"
+  assert "exists" in c.data.demo_kinds.split(",")
