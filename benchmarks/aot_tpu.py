@@ -67,7 +67,23 @@ SLICES = {
     "tpu_v5e_256": dict(accelerator="v5litepod-256", topology="v5e:16x16",
                         chip_config="default", chips=256, hbm_gib=16, peak="v5e",
                         negative_calls=("ConcatBitcast",)),
+    # LoRA fine-tuning on the small slices (issue 15): the full-size config with
+    # --set=lora.rank=16 etc. (`config` names the file; --lora below sets the rest).
+    "tpu_v5e_8": dict(accelerator="v5litepod-8", topology="v5e:2x4", chip_config="default",
+                      chips=8, hbm_gib=16, peak="v5e", negative_calls=("ConcatBitcast",),
+                      config="tpu_v5e_256"),
+    "tpu_v4_8": dict(accelerator="v4-8", topology="v4:2x2x1", chip_config="megacore",
+                     chips=4, hbm_gib=32, peak="v4", negative_calls=("ConcatBitcast",),
+                     config="tpu_v4_64"),
+    "tpu_v5p_8": dict(accelerator="v5p-8", topology="v5p:2x2x1", chip_config="megacore",
+                      chips=4, hbm_gib=95, peak="v5p",
+                      negative_calls=("PrepareAsyncCallStart", "PrepareAsyncCallDone"),
+                      config="tpu_v5p_128"),
 }
+# --lora: LaViDa-L LoRA fine-tuning at sequence 4096 (adapters fp32 on a bf16 base, the
+# mesh all FSDP over the slice, one micro-batch per step).
+LORA_SETS = ("lora.rank=16", "train.param_dtype=bfloat16", "data.length=4096",
+             "mesh=1,-1,1", "train.grad_accum=1")
 FLOPS_FLAGS = {"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False}
 
@@ -142,6 +158,7 @@ def abstract_step(cfg, mesh, *, micro_batches: int | None = None):
 
   from lavida_jax import optimizer, sharding, text, train
   from lavida_jax.data import pipeline
+  from lavida_jax.models import lora as lora_lib
   from lavida_jax.models.lavida import LaViDa
 
   if micro_batches is not None:
@@ -157,18 +174,26 @@ def abstract_step(cfg, mesh, *, micro_batches: int | None = None):
     vocab = 0
   mcfg = train.model_config(cfg, specials, vocab)
   sc = train.step_config(cfg, mcfg, _FimTokenizer(family))
-  groups = train.STAGE_GROUPS[cfg.train.stage]
+  groups, lrs = train.trained_groups(cfg)
+  lcfg = train.lora_config(cfg)
   tx, schedules = optimizer.make_optimizer(
-      {g: cfg.train.lr[g] for g in groups}, cfg.train.steps,
+      lrs, cfg.train.steps,
       warmup_ratio=cfg.train.warmup_ratio, final_ratio=cfg.train.final_ratio,
       weight_decay=cfg.train.weight_decay, clip_norm=cfg.train.clip_norm)
-  model = nnx.eval_shape(lambda: LaViDa(mcfg, rngs=nnx.Rngs(0),
-                                        param_dtype=jnp.dtype(cfg.train.param_dtype),
-                                        dtype=jnp.dtype(cfg.train.compute_dtype)))
+
+  def make_model():
+    model = LaViDa(mcfg, rngs=nnx.Rngs(0), param_dtype=jnp.dtype(cfg.train.param_dtype),
+                   dtype=jnp.dtype(cfg.train.compute_dtype))
+    if lcfg is not None:  # adapters (fp32) on the base, as train.init_model adds them
+      lora_lib.add_adapters(model, lcfg)
+    return model
+
+  model = nnx.eval_shape(make_model)
   graphdef, abstract = nnx.split(model)
   shard_model = nnx.merge(graphdef, sharding.state_shardings(abstract, mesh))
-  graphdef, params, frozen = train.train_step.split_params(model, groups)
-  _, params_sh, frozen_sh = train.train_step.split_params(shard_model, groups)
+  only = lcfg is not None
+  graphdef, params, frozen = train.train_step.split_params(model, groups, only)
+  _, params_sh, frozen_sh = train.train_step.split_params(shard_model, groups, only)
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   params = jax.tree.map(sds, params, params_sh)
   frozen = jax.tree.map(sds, frozen, frozen_sh)
@@ -227,7 +252,7 @@ def worker(name: str, arg: str | None, overrides, mode: str) -> dict:
   from lavida_jax import flops as flops_lib
   from lavida_jax import sharding
 
-  cfg = load_config(name, arg, overrides)
+  cfg = load_config(info.get("config", name), arg, overrides)
   t0 = time.perf_counter()
   topo = topologies.get_topology_desc(
       platform="tpu", topology_name=info["topology"], chip_config_name=info["chip_config"],
@@ -500,8 +525,12 @@ def main():
   ap.add_argument("--full_unroll", action="store_true",
                   help="flops from one compile with every layer unrolled (slow) instead of "
                        "two shallow compiles (1 and 2 layers) extrapolated per layer")
+  ap.add_argument("--lora", action="store_true", help="LaViDa-L LoRA fine-tuning (LORA_SETS; "
+                  "e.g. --configs=tpu_v5e_8,tpu_v4_8,tpu_v5p_8 --only=memory)")
   ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   a = ap.parse_args()
+  if a.lora:
+    a.set = list(LORA_SETS) + a.set
   names = [n for n in a.configs.split(",") if n]
   for n in names:
     if n not in SLICES:
