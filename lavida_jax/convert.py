@@ -2,6 +2,7 @@
 
   python -m lavida_jax.convert hf-to-orbax --src=HF_DIR --dst=ORBAX_DIR [--dtype=bfloat16]
   python -m lavida_jax.convert orbax-to-hf --src=ORBAX_DIR --dst=HF_DIR [--max_shard_bytes=N]
+  python -m lavida_jax.convert lora-to-peft --src=ADAPTER_STEP --dst=PEFT_DIR
 
 The family (LaViDa-L, LaViDa-D, LLaDA-V) comes from config.json; names and
 layouts from the family's key table in `checkpoint/hf.py`, read in one
@@ -13,6 +14,8 @@ a temporary folder beside the destination and is renamed into place only when
 complete, so a failure (a bad shard, a full disk) leaves no half-written folder
 that looks finished. The Orbax folder layout is described in `checkpoint/orbax.py`;
 orbax-to-hf reads only its `params` item, so training checkpoints export too.
+lora-to-peft writes a LoRA training step's adapters as a PEFT folder
+(`checkpoint/peft.py`), its base recorded as base_model_name_or_path.
 """
 from __future__ import annotations
 
@@ -231,6 +234,21 @@ def orbax_to_hf(src: str, dst: str, dtype: str | None = None, overwrite: bool = 
           "shards": len(set(index["weight_map"].values()))}
 
 
+def lora_to_peft(src: str, dst: str, overwrite: bool = False) -> dict:
+  """A LoRA training step (adapters + lora.json) -> PEFT folder (adapter_config.json +
+  adapter_model.safetensors). The base is loaded (bfloat16) for its module layout."""
+  from lavida_jax.checkpoint import adapters, peft  # pylint: disable=g-import-not-at-top
+  if not (orbax_lib.is_orbax(src) and adapters.is_adapter_step(src)):
+    raise CheckpointError(f"{src} is not a LoRA training step (no {adapters.LORA_FILE} beside "
+                          "its adapters)")
+  model = adapters.load_adapter_step(src, dtype="bfloat16", merge=False)
+  base = adapters.read_record(orbax_lib.find_step(src))["base"]
+  with staged_output(dst, overwrite, sources=(src,)) as tmp:
+    peft.export_peft(model, tmp, base=base)
+    nbytes = os.path.getsize(os.path.join(tmp, peft.WEIGHTS_FILE))
+  return {"family": model.cfg.family, "bytes": nbytes}
+
+
 # --- command line -----------------------------------------------------------------------
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -245,7 +263,8 @@ def _parser() -> argparse.ArgumentParser:
       prog="python -m lavida_jax.convert",
       description="Convert LaViDa-L / LaViDa-D / LLaDA-V checkpoints between Hugging Face "
                   "safetensors and Orbax, streaming one tensor at a time.")
-  sub = p.add_subparsers(dest="command", required=True, metavar="{hf-to-orbax,orbax-to-hf}",
+  sub = p.add_subparsers(dest="command", required=True,
+                         metavar="{hf-to-orbax,orbax-to-hf,lora-to-peft}",
                          parser_class=_OneLineParser)
   a = sub.add_parser("hf-to-orbax", help="Hugging Face folder -> Orbax folder",
                      description="Hugging Face folder (config.json + safetensors) -> Orbax "
@@ -254,13 +273,19 @@ def _parser() -> argparse.ArgumentParser:
                      description="Orbax folder or training checkpoint (only its params item "
                                  "is read) -> Hugging Face folder (safetensors shards, "
                                  "index, config.json, tokenizer files).")
+  c = sub.add_parser("lora-to-peft", help="LoRA training step -> PEFT adapter folder",
+                     description="A LoRA training step (adapters + lora.json naming the base) "
+                                 "-> PEFT folder (adapter_config.json + "
+                                 "adapter_model.safetensors on the PyTorch module names).")
   a.add_argument("--src", required=True,
                  help="source folder, or a hub id (org/name, through the HF cache)")
   b.add_argument("--src", required=True, help="source folder")
+  c.add_argument("--src", required=True, help="a LoRA step folder, or its checkpoints root")
   for s in (a, b):
-    s.add_argument("--dst", required=True, help="destination folder (created)")
     s.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="cast every parameter (default: keep each tensor's dtype)")
+  for s in (a, b, c):
+    s.add_argument("--dst", required=True, help="destination folder (created)")
     s.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty destination")
     s.add_argument("--traceback", action="store_true",
@@ -277,8 +302,10 @@ def main(argv=None) -> int:
   try:
     if args.command == "hf-to-orbax":
       info = hf_to_orbax(hub.resolve(args.src), args.dst, args.dtype, args.overwrite)
-    else:
+    elif args.command == "orbax-to-hf":
       info = orbax_to_hf(args.src, args.dst, args.dtype, args.overwrite, args.max_shard_bytes)
+    else:
+      info = lora_to_peft(args.src, args.dst, args.overwrite)
   except Exception as e:  # pylint: disable=broad-except
     if args.traceback:
       raise

@@ -83,3 +83,28 @@ def test_missing_base_is_named(runs, tmp_path):
   # (lora.json's checksum no longer matches: the side files are verified first)
   with pytest.raises(Exception, match="lora.json"):
     lavida_jax.load_pretrained(str(step))
+
+
+def test_convert_lora_to_peft_round_trips(runs, tmp_path, capsys):
+  """`convert lora-to-peft` on an adapter step; the PEFT folder imported onto the base
+  gives the step's (unmerged) logits; a full step is refused in one line."""
+  import json
+  from lavida_jax import convert
+  from lavida_jax.checkpoint import peft as peft_io
+  root, base, _, _ = runs
+  step = str(root / "straight" / "checkpoints" / "2")
+  out = tmp_path / "peft"
+  assert convert.main(["lora-to-peft", f"--src={step}", f"--dst={out}"]) == 0
+  config = json.loads((out / peft_io.CONFIG_FILE).read_text())
+  assert config["base_model_name_or_path"] == os.path.abspath(base) and config["r"] == 4
+  model = lavida_jax.load_pretrained(base)
+  peft_io.import_peft(model, str(out))
+  ids = np.random.default_rng(1).integers(0, 200, (2, 9))
+  want = np.asarray(adapters.load_adapter_step(step, merge=False).lm(ids))
+  np.testing.assert_allclose(np.asarray(model.lm(ids)), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max())
+  capsys.readouterr()
+  assert convert.main(["lora-to-peft", f"--src={base}", f"--dst={tmp_path / 'no'}"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "is not a LoRA training step" in err
+  assert not (tmp_path / "no").exists()
