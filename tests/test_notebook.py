@@ -2,7 +2,8 @@
 kernel) on the CPU with LAVIDA_NOTEBOOK_SMOKE=1: the install cell sees the package,
 training runs 3 steps, the prefix-cache answer and the infilling drafts come out, and
 the image is displayed with them (issue 6); the real-model section loads the trained
-checkpoint as int8 and answers with the threshold decoder and the dual cache (issue 15)."""
+checkpoint as int8 and answers with the threshold decoder and the dual cache, then
+fine-tunes QLoRA adapters on it and answers with them beside the int8 base (issue 15)."""
 import os
 
 import pytest
@@ -39,5 +40,7 @@ def test_notebook_runs_headless_on_cpu(tmp_path, monkeypatch):
   # the real-model section's code path, on the demo checkpoint: int8, threshold + dual
   assert "real model: smoke test" in text and "real model: weights int8" in text
   assert "forward passes for 8 tokens" in text
+  assert "LoRA: step 3, loss " in text and "adapter step " in text
+  assert "before LoRA: '" in text and "after LoRA: '" in text
   images = [o for o in outputs if o.output_type == "display_data" and "image/png" in o.data]
   assert len(images) == 2  # the image with its answer, then with the drafts
