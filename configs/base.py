@@ -75,7 +75,7 @@ def base(model: str = "lavida-llada", stage: int = 2) -> ml_collections.ConfigDi
   c.lora.rank = 0
   c.lora.alpha = 32.0  # scale alpha / rank
   c.lora.dropout = 0.0
-  c.lora.targets = "q,k,v,o,gate,up,down"  # + "projector", "vision"
+  c.lora.targets = "q,k,v,o,gate,up,down"  # + "head", "projector", "vision"
   c.lora.lr = 2e-4
   c.lora.quantize = ""
 

@@ -110,7 +110,7 @@ def trained_groups(cfg) -> tuple[tuple[str, ...], dict[str, float]]:
     groups = STAGE_GROUPS[cfg.train.stage]
     return groups, {g: cfg.train.lr[g] for g in groups}
   groups = tuple(g for g in optimizer.GROUPS if g in lcfg.targets or
-                 (g == "lm" and set(lcfg.targets) & set(lora_lib.LM_TARGETS)))
+                 (g == "lm" and set(lcfg.targets) & {*lora_lib.LM_TARGETS, lora_lib.HEAD_TARGET}))
   return groups, {g: cfg.lora.lr for g in groups}
 
 

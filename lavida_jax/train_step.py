@@ -71,8 +71,9 @@ def loss_fn(params, frozen, graphdef, batch, rng, sc: StepConfig):
   h_n, idx, valid = loss_lib.gather_rows(h, select, capacity)
   h_n = constrain(h_n, ("batch", None))
   targets = labels.reshape(-1)[idx]
-  ce, argmax = loss_lib.chunked_cross_entropy(h_n, model.lm.head.kernel[...], targets,
-                                              sc.vocab_chunk, return_argmax=True)
+  head = model.lm.head.dense_kernel(h_n.dtype)  # int8 dequantized (QLoRA); + A B if adapted
+  ce, argmax = loss_lib.chunked_cross_entropy(h_n, head, targets, sc.vocab_chunk,
+                                              return_argmax=True)
   row = idx // t
   loss, metrics = loss_lib.diffusion_loss(
       ce, valid, p[row], row, rows, sc.weighting, sc.normalize,

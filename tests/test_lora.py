@@ -176,3 +176,28 @@ def test_configs():
   assert cfg.targets == lora.LM_TARGETS and cfg.scale == c.lora.alpha / c.lora.rank
   assert c.model.init == "/tmp/lavida_jax_demo/checkpoints"
   assert "exists" in c.data.demo_kinds.split(",")
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_train_loss_sees_the_head_as_the_forward_does(int8):
+  """The train step's chunked cross-entropy contracts with `head.dense_kernel()`: the
+  same logits as `head(h)` for an adapted head and for an int8 one (QLoRA), whose raw
+  int8 values would be off by 1/scale; and the CE equals the logits' own."""
+  from lavida_jax.diffusion import loss as loss_lib
+  from lavida_jax.models import quant
+  model = _model(lora.LM_TARGETS + ("head",), random_b=not int8)
+  head = model.lm.head
+  assert head.lora_a is not None and "lm/head" in {"/".join(p) for p, _ in lora.adapted(model)}
+  if int8:
+    quant.quantize_lm(model)
+    assert head.kernel[...].dtype == jnp.int8 and head.kernel_scale is not None
+    head.lora_b[...] = 0.1 * jax.random.normal(jax.random.key(7), head.lora_b[...].shape)
+  h = jax.random.normal(jax.random.key(1), (6, head.in_shape[0]))
+  np.testing.assert_allclose(h @ head.dense_kernel(), head(h), rtol=1e-4, atol=1e-4)
+  targets = jnp.arange(6) * 7
+  logits = np.asarray(head(h), np.float64)
+  want = np.log(np.exp(logits).sum(-1)) - logits[np.arange(6), np.asarray(targets)]
+  ce = loss_lib.chunked_cross_entropy(h, head.dense_kernel(), targets, 64)
+  np.testing.assert_allclose(ce, want, rtol=1e-4)
+  assert np.abs(np.asarray(h @ head.dense_kernel()) -
+                np.asarray(h @ head.kernel[...].astype(jnp.float32))).max() > 1e-2

@@ -58,9 +58,9 @@ def _peft_logits(peft_model, ids):
                       attention_mask=torch.zeros(b, 1, t, t)).logits.numpy()
 
 
-def _train_adapters(model, steps=3):
+def _train_adapters(model, steps=3, targets=lora.LM_TARGETS):
   """A few real LoRA steps (text-only rows through loss_fn's path) on `model`."""
-  lora.add_adapters(model, lora.LoRAConfig(rank=4, alpha=8.0), seed=3)
+  lora.add_adapters(model, lora.LoRAConfig(rank=4, alpha=8.0, targets=targets), seed=3)
   groups = ("lm",)
   graphdef, params, frozen = train_step.split_params(model, groups, adapters_only=True)
   tx, _ = optimizer.make_optimizer({"lm": 1e-2}, 10, warmup_ratio=0.0)
@@ -95,6 +95,19 @@ def test_adapter_trained_here_loads_in_peft(reference_checkpoint, tmp_path, fami
   theirs = _peft_logits(peft_model, ids)
   assert np.abs(theirs - ref.text_logits(ids)).max() > 1e-3  # the adapter does something
   assert_close(model.text_logits(ids), theirs, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llada-v", "lavida-dream"])
+def test_adapted_head_exports_as_lm_head(reference_checkpoint, tmp_path, family):
+  """lora.targets with "head": the LM head's adapter is PEFT's lm_head LoRA."""
+  ref, folder = reference_checkpoint(family)
+  model = _train_adapters(lavida_jax.load_pretrained(folder), steps=2,
+                          targets=lora.LM_TARGETS + ("head",))
+  out = peft_io.export_peft(model, str(tmp_path / "adapter"))
+  peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(ref.lm), out).eval()
+  assert any(n.endswith(".lm_head.lora_A") for n, _ in peft_model.named_modules())
+  ids = np.random.default_rng(2).integers(0, ref.cfg.lm.vocab_size, (2, 10))
+  assert_close(model.text_logits(ids), _peft_logits(peft_model, ids), rel=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llada-v", "lavida-dream"])

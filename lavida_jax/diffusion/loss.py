@@ -17,7 +17,7 @@ Train-step sequence (LaViDa, complementary views; see `masking.py`):
   select, targets = concat([m1, m2]), concat([labels_BT, labels_BT])  # [2B, T]
   (Dream: select, targets = shift_left(select, False), shift_labels(targets))
   h_N, idx_N, valid_N = gather_rows(h, select, capacity)
-  ce_N, argmax_N = chunked_cross_entropy(h_N, lm.head.kernel[...],
+  ce_N, argmax_N = chunked_cross_entropy(h_N, lm.head.dense_kernel(),
                                          targets.reshape(-1)[idx_N], chunk,
                                          return_argmax=True)
   row_N = idx_N // T
@@ -174,7 +174,7 @@ def chunked_cross_entropy(h_ND: jax.Array, kernel_DV: jax.Array, targets_N: jax.
                           vocab_chunk: int, return_argmax: bool = False):
   """CE_n = logsumexp_v(h_n·W_v) − h_n·W_{target_n}, [N, C] logits at a time.
 
-  h: [N, D]; kernel: [D, V] (the LM head, `lm.head.kernel`); targets: [N] int
+  h: [N, D]; kernel: [D, V] (the LM head, `lm.head.dense_kernel()`); targets: [N] int
   in [0, V) (entries outside give CE = logsumexp, finite; mask them out).
   vocab_chunk: static chunk width C; V need not be a multiple of it.
   Returns ce [N] float32, and with return_argmax also the argmax of the logits

@@ -70,6 +70,30 @@ class Linear(nnx.Module):
       y = y + self._lora(x.astype(dtype), ins, outs, dtype)
     return y
 
+  def lora_delta(self):
+    """scale · A B in the kernel's layout [L.., *in, *out] (fp32)."""
+    a, b = self.lora_a[...], self.lora_b[...]
+    n_lead = a.ndim - len(self.in_shape) - 1
+    a2 = a.reshape(a.shape[:n_lead] + (-1, a.shape[-1]))  # [L.., in, r]
+    b2 = b.reshape(b.shape[:n_lead + 1] + (-1,))  # [L.., r, out]
+    d = jnp.einsum("...ir,...ro->...io", a2, b2, precision=jax.lax.Precision.HIGHEST)
+    return (d * self.lora_scale).reshape(a.shape[:-1] + b.shape[n_lead + 1:])
+
+  def dense_kernel(self, dtype=None):
+    """W as the layer applies it, for callers that contract with W themselves (the
+    chunked cross-entropy): int8 values times their scales, plus an adapter's
+    scale · A B (without dropout); the stored kernel itself when neither is set."""
+    w = self.kernel[...]
+    if self.kernel_scale is None and self.lora_a is None:
+      return w
+    dtype = dtype or self.dtype or jnp.float32
+    w = w.astype(jnp.float32)
+    if self.kernel_scale is not None:
+      w = w * self.kernel_scale[...].astype(jnp.float32)
+    if self.lora_a is not None:
+      w = w + self.lora_delta()
+    return w.astype(dtype)
+
   def _lora(self, x, ins: str, outs: str, dtype):
     """scale · (dropout(x) A) B: the rank-r path, never the [in, out] product."""
     if self.lora_key is not None and self.lora_dropout > 0:  # set only in a train step

@@ -30,6 +30,9 @@ from flax import nnx
 from lavida_jax.models import layers
 
 LM_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+# Opt-in: the LM head (its rows for words the base never trained, e.g. a new answer
+# vocabulary), the projector, the vision tower's linears.
+HEAD_TARGET = "head"
 GROUP_TARGETS = ("projector", "vision")
 VISION_LINEARS = ("q", "k", "v", "o", "fc1", "fc2")
 RANK_AXIS = "lora_rank"
@@ -51,10 +54,11 @@ class LoRAConfig:
       raise ValueError(f"LoRA rank is {self.rank}; expected >= 1 (rank 0 means no LoRA)")
     if not 0.0 <= self.dropout < 1.0:
       raise ValueError(f"LoRA dropout is {self.dropout}; expected 0 <= dropout < 1")
-    unknown = sorted(set(self.targets) - set(LM_TARGETS + GROUP_TARGETS))
+    known = LM_TARGETS + (HEAD_TARGET,) + GROUP_TARGETS
+    unknown = sorted(set(self.targets) - set(known))
     if unknown or not self.targets:
       raise ValueError(f"unknown LoRA target(s) {unknown or '(none given)'}; expected names "
-                       f"from {', '.join(LM_TARGETS + GROUP_TARGETS)}")
+                       f"from {', '.join(known)}")
 
   @property
   def scale(self) -> float:
@@ -74,6 +78,8 @@ def is_target(path: tuple, targets) -> bool:
   path = tuple(map(str, path))
   group, name = path[0], path[-1]
   if group == "lm":
+    if path == ("lm", HEAD_TARGET):
+      return HEAD_TARGET in targets
     return name in targets and name in LM_TARGETS
   if group == "projector":
     return "projector" in targets
@@ -136,12 +142,7 @@ def adapted(model: nnx.Module) -> list[tuple[tuple, layers.Linear]]:
 
 def delta_kernel(linear: layers.Linear):
   """scale · A B in the kernel's layout [L.., *in, *out] (fp32)."""
-  a, b = linear.lora_a[...], linear.lora_b[...]
-  n_lead = len(_layer_dims(linear))
-  a2 = a.reshape(a.shape[:n_lead] + (-1, a.shape[-1]))  # [L.., in, r]
-  b2 = b.reshape(b.shape[:n_lead + 1] + (-1,))  # [L.., r, out]
-  d = jnp.einsum("...ir,...ro->...io", a2, b2, precision=jax.lax.Precision.HIGHEST)
-  return (d * linear.lora_scale).reshape(a.shape[:-1] + b.shape[n_lead + 1:])
+  return linear.lora_delta()
 
 
 def merge(model: nnx.Module) -> nnx.Module:
