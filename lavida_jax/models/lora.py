@@ -140,11 +140,6 @@ def adapted(model: nnx.Module) -> list[tuple[tuple, layers.Linear]]:
   return [(p, m) for p, m in linears(model) if m.lora_a is not None]
 
 
-def delta_kernel(linear: layers.Linear):
-  """scale · A B in the kernel's layout [L.., *in, *out] (fp32)."""
-  return linear.lora_delta()
-
-
 def merge(model: nnx.Module) -> nnx.Module:
   """Folds every adapter into its kernel (W + scale · A B, in W's dtype) and removes it.
 
@@ -155,7 +150,7 @@ def merge(model: nnx.Module) -> nnx.Module:
       raise ValueError(f"cannot merge the LoRA adapter of {'/'.join(path)} into an int8 "
                        "kernel; load the base in float, merge, then quantize")
     w = linear.kernel[...]
-    linear.kernel[...] = (w.astype(jnp.float32) + delta_kernel(linear)).astype(w.dtype)
+    linear.kernel[...] = (w.astype(jnp.float32) + linear.lora_delta()).astype(w.dtype)
     linear.lora_a = linear.lora_b = linear.lora_key = None
     linear.lora_scale, linear.lora_dropout = 0.0, 0.0
   return model
