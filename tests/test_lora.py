@@ -17,9 +17,16 @@ LCFG = lora.LoRAConfig(rank=4, alpha=8.0)
 
 
 @functools.cache
-def _graph_state():
+def _cached_graph_state():
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: LaViDa(CFG, rngs=nnx.Rngs(0))))
   return graphdef, jax.jit(lambda: nnx.state(LaViDa(CFG, rngs=nnx.Rngs(0))))()
+
+
+def _graph_state():
+  """The tiny model's graphdef and a state of its own Variables (merging the cached
+  state itself would share its Variables, and a test's in-place update would leak)."""
+  graphdef, state = _cached_graph_state()
+  return graphdef, jax.tree.map(lambda x: x, state)
 
 
 def _model(targets=lora.LM_TARGETS, random_b=True, dropout=0.0):
@@ -201,3 +208,25 @@ def test_train_loss_sees_the_head_as_the_forward_does(int8):
   np.testing.assert_allclose(ce, want, rtol=1e-4)
   assert np.abs(np.asarray(h @ head.dense_kernel()) -
                 np.asarray(h @ head.kernel[...].astype(jnp.float32))).max() > 1e-2
+
+
+def test_qlora_train_loss_equals_the_dequantized_models():
+  """The train step's loss on an int8 base (QLoRA, adapters on q..down and the head)
+  equals its loss on a float copy holding the same int8 values times their scales:
+  every int8 kernel, the LM head's too (the chunked cross-entropy's), is dequantized."""
+  from lavida_jax.models import quant
+  targets = lora.LM_TARGETS + ("head",)
+  q_model, f_model = _model(targets), _model(targets)
+  quant.quantize_lm(q_model)
+  for (_, q), (_, f) in zip(lora.linears(q_model), lora.linears(f_model)):
+    if q.kernel_scale is not None:
+      f.kernel[...] = q.kernel[...].astype(jnp.float32) * q.kernel_scale[...]
+  batch = jax.tree.map(jnp.asarray, _batch(2))
+
+  def loss(model):
+    graphdef, params, frozen = train_step.split_params(model, ("lm",), adapters_only=True)
+    return float(train_step.loss_fn(params, frozen, graphdef, batch, jax.random.key(0), SC)[0])
+
+  want = loss(f_model)
+  assert loss(q_model) == pytest.approx(want, rel=1e-4)
+  assert abs(loss(_model(targets)) - want) > 1e-4  # int8 rounding does show

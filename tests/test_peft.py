@@ -103,6 +103,7 @@ def test_adapted_head_exports_as_lm_head(reference_checkpoint, tmp_path, family)
   ref, folder = reference_checkpoint(family)
   model = _train_adapters(lavida_jax.load_pretrained(folder), steps=2,
                           targets=lora.LM_TARGETS + ("head",))
+  assert np.abs(np.asarray(model.lm.head.lora_b[...])).max() > 0  # the head's adapter trained
   out = peft_io.export_peft(model, str(tmp_path / "adapter"))
   peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(ref.lm), out).eval()
   assert any(n.endswith(".lm_head.lora_A") for n, _ in peft_model.named_modules())
