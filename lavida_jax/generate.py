@@ -38,10 +38,11 @@ from lavida_jax.models import layers
 from lavida_jax.models.lavida import IMAGE_TOKEN_ID, LaViDa
 from lavida_jax.models.lm import KVCache
 
-# Prompt lengths compiled for: every multiple of 128 (TPU tiles) up to 4096, then of 512.
+# Prompt lengths compiled for: 32, 64, every multiple of 128 (TPU tiles) up to 4096,
+# then of 512.
 # Padding costs in the prefill and in every step's keys (a ~600-token prompt in the 1024
 # bucket: a d512 prefill takes 1.9x, a step 1.1x the time at 640); one compile per bucket.
-PREFIX_BUCKETS = (64, *range(128, 4096 + 1, 128), *range(4608, 8192 + 1, 512))
+PREFIX_BUCKETS = (32, 64, *range(128, 4096 + 1, 128), *range(4608, 8192 + 1, 512))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,10 +234,7 @@ def _dual_refresh(canvas, start, lm_state, cache, first, *, lm_graphdef, shifted
   canvas's K/V -> (block logits, cache of prompt + canvas keys)."""
   lm = nnx.merge(lm_graphdef, lm_state)
   h, (k, v) = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, collect_kv=True)
-  dual = KVCache(jnp.concatenate([cache.k, k.astype(cache.k.dtype)], axis=3),
-                 jnp.concatenate([cache.v, v.astype(cache.v.dtype)], axis=3),
-                 jnp.concatenate([cache.valid, jnp.ones(canvas.shape, bool)], axis=1),
-                 cache.length)
+  dual = cache.extend(k, v, jnp.ones(canvas.shape, bool))
   return _from_canvas_hidden(lm, h, start, first, lb, shifted), dual
 
 
@@ -269,7 +267,7 @@ def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int):
   if cache_mode == "dual":
     return sampler_lib.Denoiser(functools.partial(_dual_step, **kw),
                                 functools.partial(_dual_refresh, **kw),
-                                KVCache(1, 1, 0, 0))
+                                KVCache.batch_axes)
   raise ValueError(f"unknown cache {cache_mode!r}; expected one of {', '.join(CACHES)}")
 
 

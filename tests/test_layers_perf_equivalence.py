@@ -38,12 +38,35 @@ def test_unstacked_lm_equals_scanned(cfg):
 
   x = a.embed_tokens(ids)
   (ca, ha), (cb, hb) = a.prefill(x, valid), b.prefill(x, valid)
-  assert cb.k.shape == ca.k.shape == (cfg.n_layers, 2, cfg.n_kv_heads, 11, cfg.head_dim)
-  for got, want in ((cb.k, ca.k), (cb.v, ca.v), (hb, ha)):
+  # Stacked caches for scanned layers, per-layer tuples for unrolled ones (no
+  # step slices a layer out of a stack); keys [B, K, P, H], values [B, K, H, P].
+  assert ca.k.shape == (cfg.n_layers, 2, cfg.n_kv_heads, 11, cfg.head_dim)
+  assert ca.v.shape == (cfg.n_layers, 2, cfg.n_kv_heads, cfg.head_dim, 11)
+  assert isinstance(cb.k, tuple) and len(cb.k) == cfg.n_layers
+  for got, want in ((jnp.stack(cb.k), ca.k), (jnp.stack(cb.v), ca.v), (hb, ha)):
     assert_close(got, want)
+  # The cached keys are the layer's post-RoPE keys of the prompt, position by position.
+  blk = b.blocks[1]
+  xn = blk.attn_norm(b.blocks[0](x, valid, layers.rope_angles(
+      jnp.cumsum(valid, 1) - 1, cfg.head_dim, cfg.rope_theta))[0])
+  k = layers.apply_rope(blk.attn.k(xn), *layers.rope_angles(jnp.cumsum(valid, 1) - 1,
+                                                             cfg.head_dim, cfg.rope_theta))
+  assert_close(cb.k[1], k.transpose(0, 2, 1, 3))
 
   canvas = a.embed_tokens(jnp.full((2, 5), cfg.mask_id))
   assert_close(b.hidden_with_cache(canvas, cb), a.hidden_with_cache(canvas, ca))
+  # The dual cache's extension keeps each form, and both forms give the same step.
+  (hb2, kvb), (ha2, kva) = (b.hidden_with_cache(canvas, cb, collect_kv=True),
+                            a.hidden_with_cache(canvas, ca, collect_kv=True))
+  ones = jnp.ones((2, 5), bool)
+  da, db = ca.extend(*kva, ones), cb.extend(*kvb, ones)
+  assert da.k.shape[-2] == da.v.shape[-1] == 16 and len(db.k) == cfg.n_layers
+  assert generate.KVCache.batch_axes(da).k == 1 and generate.KVCache.batch_axes(db).k == (0,) * 3
+  block = a.embed_tokens(jnp.full((2, 2), cfg.mask_id))
+  start = jnp.array([1, 3])
+  window = (jnp.arange(16)[None] - 11 >= start[:, None]) & (jnp.arange(16)[None] - 11 < start[:, None] + 2)
+  assert_close(b.hidden_with_cache(block, db._replace(valid=db.valid & ~window), start_B=start),
+               a.hidden_with_cache(block, da._replace(valid=da.valid & ~window), start_B=start))
 
 
 def test_unstacked_lm_under_jit_and_remat():

@@ -291,13 +291,13 @@ class Denoiser(NamedTuple):
     over the whole canvas that also returns the cache `logits` reads afterwards
     (the dual cache, SPEC §14). It runs at each row's first step of a block;
     without it `cache` is None.
-  cache_batch_axes: the cache's structure with each leaf's batch axis (an int),
-    or None: axis 0 everywhere. Rows refresh at different steps, so a refresh
-    replaces only the refreshed rows' part of the cache.
+  cache_batch_axes: cache -> the cache's structure with each leaf's batch axis
+    (an int), or None: axis 0 everywhere. Rows refresh at different steps, so a
+    refresh replaces only the refreshed rows' part of the cache.
   """
   logits: Callable[..., jax.Array]
   refresh: Callable[..., tuple[jax.Array, object]] | None = None
-  cache_batch_axes: object = None
+  cache_batch_axes: Callable[[object], object] | None = None
 
 
 def full_canvas_denoiser(denoise_fn: Callable[..., jax.Array], block_length: int) -> Denoiser:
@@ -387,7 +387,7 @@ def _block_logits(den: Denoiser, refresh_B, active_B, canvas, start_B, cache, op
   def mixed(cache):
     logits_r, new = refreshed(cache)
     axes = (jax.tree.map(lambda _: 0, cache) if den.cache_batch_axes is None
-            else den.cache_batch_axes)
+            else den.cache_batch_axes(cache))
 
     def keep(axis, n, o):
       rows = refresh_B.reshape((1,) * axis + (-1,) + (1,) * (o.ndim - axis - 1))

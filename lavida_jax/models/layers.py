@@ -194,22 +194,25 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
 
 
-def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKPH, cache_valid_BP=None):
+def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKHP, cache_valid_BP=None):
   """Attention of T queries over P cached keys and their own T keys (decoding).
 
   The softmax over [cache, own] is combined from two partial ones (shared max,
   summed normalisers), so the cache is read in place: concatenating it with the
   new keys would copy every layer's cache on every denoising step. GQA when
-  K < N; scale 1/sqrt(H). The cache is heads-major, [B, K, P, H], the layout the
-  contractions read in place (token-major, XLA:CPU transposed the whole cache on
-  every step: 15% of a d512 step). cache_valid_BP: bool, True where a cached key
-  may be attended (prompt padding and, for the dual cache, the recomputed window
-  are False); None: all. Always XLA's einsums: T is small (a canvas or a block).
+  K < N; scale 1/sqrt(H). The cache is stored in the layouts the two
+  contractions read in place on XLA:CPU, the contracted axis minor: keys
+  [B, K, P, H], values [B, K, H, P]; in any other layout XLA copies every
+  layer's cache on every step (token-major: 15% of a d512 step; values
+  [B, K, P, H]: 10%). cache_valid_BP:
+  bool, True where a cached key may be attended (prompt padding and, for the
+  dual cache, the recomputed window are False); None: all. Always XLA's
+  einsums: T is small (a canvas or a block).
   """
   b, t, n, h = q_BTNH.shape
   kh = k_BTKH.shape[2]
   q = (q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype)).reshape(b, t, kh, n // kh, h)
-  ck, cv = ck_BKPH.astype(q.dtype), cv_BKPH.astype(q.dtype)
+  ck, cv = ck_BKPH.astype(q.dtype), cv_BKHP.astype(q.dtype)
   s_cache = jnp.einsum("btkgh,bkph->bkgtp", q, ck, preferred_element_type=jnp.float32)
   s_own = jnp.einsum("btkgh,bskh->bkgts", q, k_BTKH, preferred_element_type=jnp.float32)
   if cache_valid_BP is not None:
@@ -217,7 +220,7 @@ def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKPH, cache_valid_BP=No
   m = jnp.maximum(s_cache.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
   p_cache, p_own = jnp.exp(s_cache - m), jnp.exp(s_own - m)
   denom = p_cache.sum(-1) + p_own.sum(-1)  # [B, K, G, T]
-  out = (jnp.einsum("bkgtp,bkph->btkgh", p_cache.astype(cv.dtype), cv,
+  out = (jnp.einsum("bkgtp,bkhp->btkgh", p_cache.astype(cv.dtype), cv,
                     preferred_element_type=jnp.float32)
          + jnp.einsum("bkgts,bskh->btkgh", p_own.astype(v_BTKH.dtype), v_BTKH,
                       preferred_element_type=jnp.float32))
@@ -342,7 +345,8 @@ class Attention(nnx.Module):
 
     mask: None, key padding [B, S] or [B, T, S] (`dot_product_attention`); with
       prefix_kv, the cached keys' validity [B, P] (own keys are always visible).
-    prefix_kv: cached (k, v) [B, K, P, H] of other positions (`cached_attention`).
+    prefix_kv: cached k [B, K, P, H], v [B, K, H, P] of other positions
+      (`cached_attention`).
     """
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     q = constrain(q, ("batch", "length", self.head_axes[0], None))
@@ -443,7 +447,9 @@ def scan_layers(blocks: nnx.Module, x, *args, xs=None, remat: str = "none"):
   A plain `lax.scan` over the split state (not `nnx.scan`), so the blocks can
   be called from inside any JAX transform (the sampler's scan and cond).
   `blocks` may also be a list of per-layer blocks (`unstack_layers`): then the
-  layers run unrolled, each on its own arrays (the same function).
+  layers run unrolled, each on its own arrays (the same function), xs is a
+  list of per-layer trees and ys comes back as one (XLA:CPU copies a layer's
+  slice out of a stacked array on every pass, as it does the weights').
   """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {remat!r}; expected one of {list(REMAT_POLICIES)}")
@@ -462,7 +468,7 @@ def scan_layers(blocks: nnx.Module, x, *args, xs=None, remat: str = "none"):
 
 
 def _unrolled(blocks, x, args, xs, remat):
-  """`scan_layers` over a list of blocks: a Python loop, the y_l stacked on axis 0."""
+  """`scan_layers` over a list of blocks: a Python loop, xs and ys per-layer lists."""
   def call(block, x, xs_l):
     return block(x, *args) if xs_l is None else block(x, *args, xs_l)
 
@@ -470,6 +476,6 @@ def _unrolled(blocks, x, args, xs, remat):
     call = jax.checkpoint(call, policy=REMAT_POLICIES[remat], prevent_cse=False)
   ys = []
   for i, block in enumerate(blocks):
-    x, y = call(block, x, None if xs is None else jax.tree.map(lambda a: a[i], xs))
+    x, y = call(block, x, None if xs is None else xs[i])
     ys.append(y)
-  return x, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+  return x, ys

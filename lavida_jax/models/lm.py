@@ -100,21 +100,43 @@ class Block(nnx.Module):
 class KVCache(NamedTuple):
   """Cached keys/values of every layer (post-RoPE) for decoding (SPEC §7.3, §14).
 
-  k, v: [layers, B, K, S, H] (heads-major: what `layers.cached_attention` reads
-  in place): the prompt's S = P positions (Prefix-DLM), or the prompt's
-  followed by the canvas's (the dual cache, S = P + L); valid: [B, S]
-  keys that may be attended (not padding); length: [B] real prompt tokens (the
-  canvas starts at this position).
+  k: [layers, B, K, S, H], v: [layers, B, K, H, S]: the layouts that
+  `layers.cached_attention` reads in place; with layers run unrolled
+  (`layers.unstack_layers`) each is a tuple of per-layer arrays instead, so no
+  step slices a layer out of a stack. S = P, the prompt's positions
+  (Prefix-DLM), or the prompt's followed by the canvas's (the dual cache,
+  S = P + L); valid: [B, S] keys that may be attended (not padding); length: [B]
+  real prompt tokens (the canvas starts at this position).
   """
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   valid: jax.Array
   length: jax.Array
 
+  def layers(self):
+    """`scan_layers`' xs: (k, v) stacked, or a list of per-layer (k, v)."""
+    return list(zip(self.k, self.v)) if isinstance(self.k, tuple) else (self.k, self.v)
 
-def heads_major(kv):
-  """Per-layer (k, v) [layers, B, T, K, H] -> [layers, B, K, T, H] (once per cache fill)."""
-  return tuple(a.transpose(0, 1, 3, 2, 4) for a in kv)
+  def extend(self, k, v, valid_BT):
+    """The cache followed by T more positions (k, v as `collect_kv` returns them)."""
+    cat = lambda axis: lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=axis)
+    return KVCache(jax.tree.map(cat(-2), self.k, k), jax.tree.map(cat(-1), self.v, v),
+                   jnp.concatenate([self.valid, valid_BT], axis=1), self.length)
+
+  @staticmethod
+  def batch_axes(cache: "KVCache") -> "KVCache":
+    """The batch axis of every leaf (1 in a stacked k/v, else 0)."""
+    axis = lambda a: a.ndim - 4
+    return KVCache(jax.tree.map(axis, cache.k), jax.tree.map(axis, cache.v), 0, 0)
+
+
+def cache_layout(ys):
+  """`scan_layers`' per-layer (k, v) [B, T, K, H] (stacked, or a list per layer) ->
+  (k [..., B, K, T, H], v [..., B, K, H, T]): once per cache fill."""
+  if isinstance(ys, list):
+    return tuple(tuple(a) for a in zip(*(cache_layout(y) for y in ys)))
+  k, v = ys
+  return jnp.swapaxes(k, -3, -2), jnp.moveaxis(v, -3, -1)
 
 
 class DiffusionLM(nnx.Module):
@@ -157,7 +179,7 @@ class DiffusionLM(nnx.Module):
     # Real tokens take positions 0..n-1 even when the bucket pads the prefix.
     positions = jnp.cumsum(valid, axis=1) - 1
     h, kv = self._blocks(x_BPD, positions, valid, collect_kv=True)
-    return KVCache(*heads_major(kv), valid, valid.sum(axis=1)), self.final_norm(h)
+    return KVCache(*cache_layout(kv), valid, valid.sum(axis=1)), self.final_norm(h)
 
   def hidden_with_cache(self, x_BTD, cache: KVCache, start_B=None, collect_kv=False):
     """Canvas embeddings -> hidden [B, T, D], attending to the cache and to themselves.
@@ -167,14 +189,15 @@ class DiffusionLM(nnx.Module):
     key where `cache.valid` and every one of their own keys; the cache is read,
     never updated. Prefix-DLM passes the whole canvas over the prefix cache; the
     dual cache (SPEC §14) passes a block over prefix + canvas keys, its own
-    window marked invalid. collect_kv: also return their K/V [layers, B, K, T, H].
+    window marked invalid. collect_kv: also return their (k, v) in the cache's
+    layout (`KVCache.extend` appends them).
     """
     b, t, _ = x_BTD.shape
     start = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
     positions = (cache.length + start)[:, None] + jnp.arange(t)[None, :]
     h, kv = self._blocks(x_BTD, positions, cache.valid, collect_kv,
-                         prefix_kv=(cache.k, cache.v))
-    return (self.final_norm(h), heads_major(kv)) if collect_kv else self.final_norm(h)
+                         prefix_kv=cache.layers())
+    return (self.final_norm(h), cache_layout(kv)) if collect_kv else self.final_norm(h)
 
   def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None):
     """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`);
