@@ -159,7 +159,7 @@ def main():
                   help="held-out caption records (default: WORKDIR/demo_data/captions_heldout.jsonl)")
   ap.add_argument("--questions", default=None,
                   help="held-out one-word questions (default: WORKDIR/demo_data/heldout.jsonl)")
-  ap.add_argument("--gen_length", type=int, default=16)
+  ap.add_argument("--gen_length", type=int, default=32)
   ap.add_argument("--block_length", type=int, default=8)
   ap.add_argument("--question_length", type=int, default=4)
   ap.add_argument("--num_captions", type=int, default=500)
