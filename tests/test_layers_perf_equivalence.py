@@ -46,11 +46,9 @@ def test_unstacked_lm_equals_scanned(cfg):
   for got, want in ((jnp.stack(cb.k), ca.k), (jnp.stack(cb.v), ca.v), (hb, ha)):
     assert_close(got, want)
   # The cached keys are the layer's post-RoPE keys of the prompt, position by position.
+  rope = layers.rope_angles(jnp.cumsum(valid, 1) - 1, cfg.head_dim, cfg.rope_theta)
   blk = b.blocks[1]
-  xn = blk.attn_norm(b.blocks[0](x, valid, layers.rope_angles(
-      jnp.cumsum(valid, 1) - 1, cfg.head_dim, cfg.rope_theta))[0])
-  k = layers.apply_rope(blk.attn.k(xn), *layers.rope_angles(jnp.cumsum(valid, 1) - 1,
-                                                             cfg.head_dim, cfg.rope_theta))
+  k = layers.apply_rope(blk.attn.k(blk.attn_norm(b.blocks[0](x, valid, rope)[0])), *rope)
   assert_close(cb.k[1], k.transpose(0, 2, 1, 3))
 
   canvas = a.embed_tokens(jnp.full((2, 5), cfg.mask_id))
@@ -64,7 +62,8 @@ def test_unstacked_lm_equals_scanned(cfg):
   assert generate.KVCache.batch_axes(da).k == 1 and generate.KVCache.batch_axes(db).k == (0,) * 3
   block = a.embed_tokens(jnp.full((2, 2), cfg.mask_id))
   start = jnp.array([1, 3])
-  window = (jnp.arange(16)[None] - 11 >= start[:, None]) & (jnp.arange(16)[None] - 11 < start[:, None] + 2)
+  pos = jnp.arange(16)[None] - 11  # canvas positions of the 11 + 5 cached keys
+  window = (pos >= start[:, None]) & (pos < start[:, None] + 2)
   assert_close(b.hidden_with_cache(block, db._replace(valid=db.valid & ~window), start_B=start),
                a.hidden_with_cache(block, da._replace(valid=da.valid & ~window), start_B=start))
 
