@@ -51,8 +51,9 @@ def summary_table(summary: dict) -> str:
     lines += [f"{name:<{width}}{n!s:>5}  {pct:>11}  {extra}".rstrip()
               for name, n, pct, extra in rows]
   if "nfe" in summary:
-    lines.append(f"decoding: {summary['nfe']:.1f} forward passes and "
-                 f"{summary.get('seconds_per_sample', 0):.2f} s per answer")
+    seconds = summary.get("seconds_per_sample", 0)  # batched: often a few ms
+    per = f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds * 1e3:.1f} ms"
+    lines.append(f"decoding: {summary['nfe']:.1f} forward passes and {per} per answer")
   return "\n".join(lines)
 
 

@@ -127,6 +127,8 @@ def test_summary_table():
       "captions             500        93.4%  CIDEr 8.170 BLEU-4 0.900",
       "decoding: 5.0 forward passes and 0.25 s per answer"]
   json.dumps(SUMMARY)
+  fast = report.summary_table({**SUMMARY, "seconds_per_sample": 0.004027})
+  assert fast.splitlines()[-1] == "decoding: 5.0 forward passes and 4.0 ms per answer"
 
 
 def test_answer_grid_marks_right_green_and_wrong_red(tmp_path):
