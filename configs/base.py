@@ -77,6 +77,8 @@ def base(model: str = "lavida-llada", stage: int = 2) -> ml_collections.ConfigDi
   c.lora.dropout = 0.0
   c.lora.targets = "q,k,v,o,gate,up,down"  # + "head", "projector", "vision"
   c.lora.lr = 2e-4
+  c.lora.lr_projector = 0.0  # the projector's and the tower's adapters (0: lora.lr)
+  c.lora.lr_vision = 0.0
   c.lora.quantize = ""
 
   c.eval = ml_collections.ConfigDict()

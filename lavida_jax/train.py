@@ -104,14 +104,15 @@ def lora_config(cfg) -> lora_lib.LoRAConfig | None:
 
 def trained_groups(cfg) -> tuple[tuple[str, ...], dict[str, float]]:
   """(optimizer groups trained, {group: peak lr}): the stage's groups, or with LoRA the
-  groups holding adapters, each at lora.lr."""
+  groups holding adapters, each at lora.lr (the projector's and the tower's at
+  lora.lr_projector / lora.lr_vision where those are set, non-zero)."""
   lcfg = lora_config(cfg)
   if lcfg is None:
     groups = STAGE_GROUPS[cfg.train.stage]
     return groups, {g: cfg.train.lr[g] for g in groups}
   groups = tuple(g for g in optimizer.GROUPS if g in lcfg.targets or
                  (g == "lm" and set(lcfg.targets) & {*lora_lib.LM_TARGETS, lora_lib.HEAD_TARGET}))
-  return groups, {g: cfg.lora.lr for g in groups}
+  return groups, {g: cfg.lora.get(f"lr_{g}") or cfg.lora.lr for g in groups}
 
 
 def init_state(model: LaViDa, groups, tx, seed: int, mesh, adapters_only: bool = False):

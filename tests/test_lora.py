@@ -181,8 +181,27 @@ def test_configs():
   c = cpu_demo_lora.get_config()
   cfg = lora.LoRAConfig.from_config(c.lora)
   assert cfg.targets == lora.LM_TARGETS and cfg.scale == c.lora.alpha / c.lora.rank
+  from lavida_jax import train
+  assert train.trained_groups(c) == (("lm",), {"lm": 5e-3})
   assert c.model.init == "/tmp/lavida_jax_demo/checkpoints"
   assert "exists" in c.data.demo_kinds.split(",")
+
+
+def test_adapter_groups_take_their_own_rates():
+  """lora.lr for every group holding adapters, lora.lr_projector / lr_vision where set."""
+  import os
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+  import base
+  from lavida_jax import train
+  c = base.base()
+  c.lora.rank, c.lora.lr, c.lora.targets = 4, 5e-3, "q,v,projector,vision"
+  assert train.trained_groups(c) == (("vision", "projector", "lm"),
+                                     {"vision": 5e-3, "projector": 5e-3, "lm": 5e-3})
+  c.lora.lr_vision = 5e-4
+  assert train.trained_groups(c)[1] == {"vision": 5e-4, "projector": 5e-3, "lm": 5e-3}
+  c.lora.targets = "q,v"  # no adapters on the tower: no vision group, whatever its rate
+  assert train.trained_groups(c) == (("lm",), {"lm": 5e-3})
 
 
 @pytest.mark.parametrize("int8", [False, True])
