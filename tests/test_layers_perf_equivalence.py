@@ -14,6 +14,7 @@ import pytest
 from flax import nnx
 
 from lavida_jax import generate
+from lavida_jax.diffusion import sampler as sampler_lib
 from lavida_jax.models import layers
 from lavida_jax.models.lm import DiffusionLM, LMConfig
 from lavida_jax.models.siglip import SiglipConfig, SiglipVisionTower
@@ -109,3 +110,43 @@ def test_prefix_buckets_are_multiples_of_128():
   assert all(b % 128 == 0 for b in generate.PREFIX_BUCKETS if b >= 128)
   assert list(generate.PREFIX_BUCKETS) == sorted(set(generate.PREFIX_BUCKETS))
   assert generate.PREFIX_BUCKETS[-1] == 8192
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("mask_kind", ["none", "keys", "full"])
+def test_xla_cpu_attention_equals_jax(heads, kv_heads, mask_kind):
+  """The rearranged XLA attention (heads-major, normalisation deferred) is jax's,
+  including a query that sees no key (jax averages over every key)."""
+  rng = np.random.default_rng(3)
+  b, t, s, h = 2, 7, 9, 16
+  q = jnp.asarray(rng.standard_normal((b, t, heads, h)), jnp.float32)
+  k, v = (jnp.asarray(rng.standard_normal((b, s, kv_heads, h)), jnp.float32) for _ in range(2))
+  mask, jax_mask = None, None
+  if mask_kind == "keys":
+    mask = jnp.arange(s)[None] >= jnp.array([[0], [4]])
+    jax_mask = mask[:, None, None, :]
+  elif mask_kind == "full":
+    mask = jnp.asarray(rng.random((b, t, s)) < 0.6).at[1, 2].set(False)  # row 2 sees nothing
+    jax_mask = mask[:, None, :, :]
+  want = jax.nn.dot_product_attention(q, k, v, mask=jax_mask)
+  assert_close(layers.xla_attention(q, k, v, mask), want, rel=1e-6)
+  assert_close(layers.dot_product_attention(q, k, v, mask, "xla_cpu"), want, rel=1e-6)
+
+
+def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
+  """On the CPU the Generator's own modules take `xla_attention` (vision and prefill);
+  the model it was given keeps jax's, and its prefill's cache and logits are the
+  model's own to fp32 rounding."""
+  _, model = loaded("lavida-llada")
+  cfg = sampler_lib.SamplerConfig(gen_length=8, steps=8, block_length=8,
+                                  mask_id=model.cfg.lm.mask_id)
+  gen = generate.Generator(model, None, cfg)
+  impl = lambda m: {a.implementation for _, a in nnx.iter_modules(m)
+                    if isinstance(a, layers.Attention)}
+  assert impl(nnx.merge(gen.graphdef, gen.state)) == {"xla_cpu"}
+  assert impl(model) == {model.cfg.lm.attention_impl}
+  x = jax.random.normal(jax.random.key(0), (2, 12, model.cfg.lm.d_model))
+  valid = jnp.arange(12)[None] >= jnp.array([[0], [5]])  # left padding
+  (kv, logits), (kv0, h0) = gen._prefill(gen.lm_state, x, valid), model.lm.prefill(x, valid)
+  assert_close(logits, model.lm.logits_from_hidden(h0[:, -1]), rel=1e-5)
+  assert_close(kv.layers()[0][0], kv0.layers()[0][0], rel=1e-5)

@@ -177,7 +177,8 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None
 
   mask: None (attend to all), bool [B, S] key padding (True: a key every query
   may attend) or bool [B, T, S] (True where query t may attend key s).
-  implementation: None/'xla' (any backend), 'cudnn' (GPU), 'splash' (TPU Pallas
+  implementation: None/'xla' (any backend), 'xla_cpu' (`xla_attention`: the same
+  values, arranged for XLA:CPU), 'cudnn' (GPU), 'splash' (TPU Pallas
   kernel, `splash_attention`) or 'splash_interpret' (the same kernel in Pallas
   interpret mode: CPU tests). The splash path expresses no mask and key padding
   (segment ids); an arbitrary [B, T, S] mask (none of the LM's own calls passes
@@ -186,12 +187,44 @@ def dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=None, implementation=None
   if implementation in SPLASH and (mask is None or mask.ndim == 2):
     return splash_attention(q_BTNH, k_BSKH, v_BSKH, mask,
                             interpret=implementation == "splash_interpret")
+  if implementation == "xla_cpu":
+    return xla_attention(q_BTNH, k_BSKH, v_BSKH, mask)
   impl = "cudnn" if implementation == "cudnn" else None
   if mask is not None:
     mask = mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
     if impl == "cudnn":  # cuDNN checks the mask's query axis: [B, 1, T, S]
       mask = jnp.broadcast_to(mask, (mask.shape[0], 1, q_BTNH.shape[1], mask.shape[-1]))
   return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask, implementation=impl)
+
+
+def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None):
+  """`jax.nn.dot_product_attention`'s XLA path, arranged for XLA:CPU's matmuls.
+
+  Heads-major operands with each contraction's axis minor (q, k [.., T|S, H],
+  v [.., H, S]: small transposes) and the normalisation deferred (the
+  unnormalised probabilities meet V; the [.., T, H] output is divided, not the
+  [.., T, S] probabilities). Otherwise XLA:CPU transposes and copies the
+  [T, S] probabilities twice per layer: the SigLIP tower's 729-token views ran
+  1.8x slower. Masked scores take jax's large negative value, so a query with
+  no visible key averages over all of them as there. Used by the Generator on CPUs
+  (vision and prefill); training keeps jax's (this one's gradient was ~6% slower on
+  the CPU demo's step).
+  """
+  b, t, n, h = q_BTNH.shape
+  kh = k_BSKH.shape[2]
+  q = q_BTNH.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+  k = k_BSKH.transpose(0, 2, 1, 3)  # [B, K, S, H]
+  v = v_BSKH.transpose(0, 2, 3, 1)  # [B, K, H, S]
+  s = jnp.einsum("bkgth,bksh->bkgts", q, k,
+                 preferred_element_type=jnp.float32) * jnp.float32(h ** -0.5)
+  if mask is not None:
+    mask = mask[:, None, None, None, :] if mask.ndim == 2 else mask[:, None, None, :, :]
+    s = jnp.where(mask, s, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+  p = jnp.exp(s - s.max(-1, keepdims=True))
+  out = jnp.einsum("bkgts,bkhs->bkgth", p.astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+  out = out / p.sum(-1)[..., None]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q_BTNH.dtype)
 
 
 def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKHP, cache_valid_BP=None):
