@@ -291,7 +291,7 @@ class Generator:
   an H200 (13.5 -> 6.5 ms at batch 1, benchmarks/README.md). It costs a second
   copy of those weights (pass False where memory is short; TPUs keep the scan).
   On CPUs the attention of the vision tower and of the prefill is
-  `layers.xla_attention` (the same values; the d512 bench's vision 91 -> 65 ms).
+  `layers.xla_attention` (the same values; the d512 bench's vision 91 -> 63 ms).
 
   on_step: `on_step(canvas [B, L], steps [B])`, numpy, called on the host after every
   denoising step (streaming; `sampler.sample`). It is compiled in: a Generator with
