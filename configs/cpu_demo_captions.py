@@ -1,5 +1,5 @@
-"""The CPU demo trained longer (3000 steps): a steadier model of multi-token answers (held-out
-captions, 5-11 tokens on a 12-token canvas) for measuring decoders (SPEC §14).
+"""The CPU demo trained longer (3000 steps): a steadier model of multi-token answers
+(held-out captions, 5-11 tokens on a 12-token canvas) for measuring decoders (SPEC §14).
 
 `cpu_demo.py`'s model, data, rows and evaluation with 3000 steps (the decode frontier
 in benchmarks/README.md was measured on it with seed 1: 98.8% caption exact match; the
