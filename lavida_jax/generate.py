@@ -271,6 +271,13 @@ def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int):
   raise ValueError(f"unknown cache {cache_mode!r}; expected one of {', '.join(CACHES)}")
 
 
+def _platform(model: nnx.Module) -> str:
+  """Where the model's weights live (abstract ones too: an AOT compile for TPUs from
+  a CPU host), else the default backend."""
+  sh = getattr(jax.tree.leaves(nnx.state(model))[0], "sharding", None)
+  return next(iter(sh.device_set)).platform if sh is not None else jax.default_backend()
+
+
 class Generator:
   """Compiled prefill and sampler for one model, sampler config and cache; reuse it.
 
@@ -291,7 +298,9 @@ class Generator:
   an H200 (13.5 -> 6.5 ms at batch 1, benchmarks/README.md). It costs a second
   copy of those weights (pass False where memory is short; TPUs keep the scan).
   On CPUs the attention of the vision tower and of the prefill is
-  `layers.xla_attention` (the same values; the d512 bench's vision 91 -> 63 ms).
+  `layers.xla_attention` (the same values; the d512 bench's vision 91 -> 63 ms),
+  and the kernels are stored [out, in] (`layers.out_major_kernels`: the same
+  products; its step 26.4 -> 24.4 ms).
 
   on_step: `on_step(canvas [B, L], steps [B])`, numpy, called on the host after every
   denoising step (streaming; `sampler.sample`). It is compiled in: a Generator with
@@ -310,16 +319,18 @@ class Generator:
     if model.cfg.reference_compat and cfg.decoder == "fixed":
       cfg = dataclasses.replace(cfg, forbid_mask=False)
     self.cfg, self.system_prompt = cfg, system_prompt
+    platform = _platform(model)
     if unroll_layers is None:
-      unroll_layers = jax.default_backend() in ("cpu", "gpu", "cuda", "rocm")
+      unroll_layers = platform in ("cpu", "gpu", "cuda", "rocm")
     run = nnx.merge(*nnx.split(model))  # new modules over the same arrays
     if unroll_layers:
       run.lm.blocks = layers.unstack_layers(run.lm.blocks)
       run.vision.blocks = layers.unstack_layers(run.vision.blocks)
-    if jax.default_backend() == "cpu":  # vision and prefill: XLA:CPU's faster form
+    if platform == "cpu":  # XLA:CPU's faster forms of the same products
       for _, m in nnx.iter_modules(run):
         if isinstance(m, layers.Attention) and m.implementation in (None, "xla"):
           m.implementation = "xla_cpu"
+      layers.out_major_kernels(run)
     self.lm_graphdef, self.lm_state = nnx.split(run.lm)
     self.graphdef, self.state = nnx.split(run)
     self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,

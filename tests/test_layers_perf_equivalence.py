@@ -133,10 +133,44 @@ def test_xla_cpu_attention_equals_jax(heads, kv_heads, mask_kind):
   assert_close(layers.dot_product_attention(q, k, v, mask, "xla_cpu"), want, rel=1e-6)
 
 
+@pytest.mark.parametrize("in_shape,out_shape,lead", [((12,), (3, 8), ()), ((3, 8), (12,), ()),
+                                                    ((12,), (20,), (2,))],
+                         ids=["to_heads", "from_heads", "stacked"])
+def test_out_major_kernels_give_the_same_products(in_shape, out_shape, lead):
+  """[out, in] storage: the same y = x W + b for head-shaped and stacked kernels, the
+  logical axis names carried to the merged axes; int8 and adapted kernels untouched."""
+  names = {((12,), (3, 8)): ("embed", "q_heads", "head_dim"),
+           ((3, 8), (12,)): ("q_heads", "head_dim", "embed"),
+           ((12,), (20,)): ("embed", "mlp")}[in_shape, out_shape]
+  lin = layers.Linear(in_shape, out_shape, names, bias=True, rngs=nnx.Rngs(0))
+  lin.bias[...] = jax.random.normal(jax.random.key(1), out_shape)
+  if lead:
+    lin.kernel = nnx.Param(jax.random.normal(jax.random.key(2), lead + in_shape + out_shape),
+                           out_sharding=("layers",) + names, eager_sharding=False)
+  x = jax.random.normal(jax.random.key(3), (2, 5) + in_shape)
+  ref = nnx.clone(lin)
+  layers.out_major_kernels(lin)
+  assert lin.out_major and lin.kernel[...].shape == lead + (
+      int(np.prod(out_shape)), int(np.prod(in_shape)))
+  want = {((12,), (3, 8)): ("q_heads", "embed"), ((3, 8), (12,)): ("embed", "q_heads"),
+          ((12,), (20,)): ("layers", "mlp", "embed")}[in_shape, out_shape]
+  assert lin.kernel.get_metadata()["out_sharding"] == want
+  if lead:  # a scanned layer sees one slice of the stack
+    for i in range(lead[0]):
+      ref_i, lin_i = nnx.clone(ref), nnx.clone(lin)
+      ref_i.kernel, lin_i.kernel = nnx.Param(ref.kernel[...][i]), nnx.Param(lin.kernel[...][i])
+      assert_close(lin_i(x), ref_i(x), rel=1e-6)
+  else:
+    assert_close(lin(x), ref(x), rel=1e-6)
+  k0 = lin.kernel[...]
+  layers.out_major_kernels(lin)  # idempotent
+  assert lin.kernel[...] is k0
+
+
 def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
-  """On the CPU the Generator's own modules take `xla_attention` (vision and prefill);
-  the model it was given keeps jax's, and its prefill's cache and logits are the
-  model's own to fp32 rounding."""
+  """On the CPU the Generator's own modules take `xla_attention` (vision and prefill)
+  and [out, in] kernels; the model it was given keeps jax's attention and its own
+  kernels, and its prefill's cache and logits are the model's own to fp32 rounding."""
   _, model = loaded("lavida-llada")
   cfg = sampler_lib.SamplerConfig(gen_length=8, steps=8, block_length=8,
                                   mask_id=model.cfg.lm.mask_id)
@@ -145,6 +179,10 @@ def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
                     if isinstance(a, layers.Attention)}
   assert impl(nnx.merge(gen.graphdef, gen.state)) == {"xla_cpu"}
   assert impl(model) == {model.cfg.lm.attention_impl}
+  linears = lambda m: [a for _, a in nnx.iter_modules(m) if isinstance(a, layers.Linear)]
+  assert all(a.out_major for a in linears(nnx.merge(gen.graphdef, gen.state)))
+  assert not any(a.out_major for a in linears(model))
+  assert model.lm.head.kernel[...].shape == (model.cfg.lm.d_model, model.cfg.lm.vocab_size)
   x = jax.random.normal(jax.random.key(0), (2, 12, model.cfg.lm.d_model))
   valid = jnp.arange(12)[None] >= jnp.array([[0], [5]])  # left padding
   (kv, logits), (kv0, h0) = gen._prefill(gen.lm_state, x, valid), model.lm.prefill(x, valid)
