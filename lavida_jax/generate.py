@@ -222,23 +222,32 @@ def _denoise_full(canvas, start, _, lm_state, prefix_x, prefix_valid, *, lm_grap
   return lm.logits_from_hidden(sampler_lib.block_slice(h, start, lb))
 
 
-def _denoise_prefix(canvas, start, _, lm_state, cache, first, *, lm_graphdef, shifted, lb):
+def _with_rope(canvas0, lm_state, cache, first, *, lm_graphdef):
+  """The cached denoisers' `setup`: the canvas's rotary angles, once per call (else
+  each step recomputes them in every layer's q and k: ~5% of a d512 step on CPUs)."""
+  rope = nnx.merge(lm_graphdef, lm_state).canvas_rope(cache, canvas0.shape[1])
+  return lm_state, cache, first, rope
+
+
+def _denoise_prefix(canvas, start, _, lm_state, cache, first, rope=None, *, lm_graphdef, shifted,
+                    lb):
   """Prefix-DLM: the whole canvas over the prompt's KV cache every step."""
   lm = nnx.merge(lm_graphdef, lm_state)
-  h = lm.hidden_with_cache(lm.embed_tokens(canvas), cache)
+  h = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, rope=rope)
   return _from_canvas_hidden(lm, h, start, first, lb, shifted)
 
 
-def _dual_refresh(canvas, start, lm_state, cache, first, *, lm_graphdef, shifted, lb):
+def _dual_refresh(canvas, start, lm_state, cache, first, rope=None, *, lm_graphdef, shifted, lb):
   """The dual cache's block-start pass: the Prefix-DLM step that also keeps the
   canvas's K/V -> (block logits, cache of prompt + canvas keys)."""
   lm = nnx.merge(lm_graphdef, lm_state)
-  h, (k, v) = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, collect_kv=True)
+  h, (k, v) = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, collect_kv=True, rope=rope)
   dual = cache.extend(k, v, jnp.ones(canvas.shape, bool))
   return _from_canvas_hidden(lm, h, start, first, lb, shifted), dual
 
 
-def _dual_step(canvas, start, dual, lm_state, cache, first, *, lm_graphdef, shifted, lb):
+def _dual_step(canvas, start, dual, lm_state, cache, first, rope=None, *, lm_graphdef, shifted,
+               lb):
   """A dual-cache step: only the block's window is recomputed, over the cached
   prompt and canvas keys (its own cached keys masked; SPEC §14). Dream's window
   starts one position early (the logit of a block's first token comes from the
@@ -251,7 +260,10 @@ def _dual_step(canvas, start, dual, lm_state, cache, first, *, lm_graphdef, shif
   pos = jnp.arange(p + length)[None, :] - p
   window = (pos >= ws[:, None]) & (pos < ws[:, None] + w)
   x = lm.embed_tokens(sampler_lib.block_slice(canvas, ws, w))
-  h = lm.hidden_with_cache(x, dual._replace(valid=dual.valid & ~window), start_B=ws)
+  if rope is not None:
+    rope = tuple(sampler_lib.block_slice(a, ws, w) for a in rope)
+  h = lm.hidden_with_cache(x, dual._replace(valid=dual.valid & ~window), start_B=ws,
+                           rope=rope)
   logits = lm.logits_from_hidden(h[:, :lb])
   return _shift_block(logits, first, start) if shifted else logits
 
@@ -262,12 +274,13 @@ def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int):
   kw = dict(lm_graphdef=lm_graphdef, shifted=shifted, lb=block_length)
   if cache_mode == "none":
     return sampler_lib.Denoiser(functools.partial(_denoise_full, **kw))
+  setup = functools.partial(_with_rope, lm_graphdef=lm_graphdef)
   if cache_mode == "prefix":
-    return sampler_lib.Denoiser(functools.partial(_denoise_prefix, **kw))
+    return sampler_lib.Denoiser(functools.partial(_denoise_prefix, **kw), setup=setup)
   if cache_mode == "dual":
     return sampler_lib.Denoiser(functools.partial(_dual_step, **kw),
                                 functools.partial(_dual_refresh, **kw),
-                                KVCache.batch_axes)
+                                KVCache.batch_axes, setup)
   raise ValueError(f"unknown cache {cache_mode!r}; expected one of {', '.join(CACHES)}")
 
 

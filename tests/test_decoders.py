@@ -200,6 +200,33 @@ def test_fixed_with_the_dual_cache_refreshes_at_each_block_start():
   assert (out != run(plain(), canvas0, cfg)[0]).any()
 
 
+@pytest.mark.parametrize("kw", [{}, DECODERS[0]], ids=["fixed", "threshold"])
+def test_setup_runs_once_and_its_operands_reach_every_pass(kw):
+  """Denoiser.setup's operands (here the logits table, scaled) are what every pass
+  reads: the same canvas as a denoiser given the scaled table directly; it runs at
+  trace time, once per call, not once per step."""
+  cfg = cfg_of(steps=8, **kw)
+  canvas0, calls = ragged(), []
+
+  def setup(canvas, table):
+    calls.append(canvas.shape)
+    return (2.0 * table,)
+
+  logits = lambda canvas, start, cache, table: smp.block_slice(
+      table[None] + jnp.einsum("ij,bjv->biv", jnp.asarray(COUPLING), keys_jax(canvas)),
+      start, LB)
+  counts = smp.transfer_schedule(canvas0, cfg)
+  table = jnp.asarray(TABLE)
+  ours = smp.make_sampler(smp.Denoiser(logits, setup=setup), cfg)(
+      canvas0, counts, jax.random.key(0), table)
+  want = smp.make_sampler(smp.Denoiser(logits), cfg)(canvas0, counts, jax.random.key(0),
+                                                     2.0 * table)
+  np.testing.assert_array_equal(np.asarray(ours), np.asarray(want))
+  assert (np.asarray(ours) != np.asarray(smp.make_sampler(smp.Denoiser(logits), cfg)(
+      canvas0, counts, jax.random.key(0), table))).any()  # the scaling matters
+  assert calls == [canvas0.shape]
+
+
 def test_a_row_stops_once_every_mask_left_is_after_a_stop_token():
   """EOS committed early ends the row: the masks after it are filled with EOS and
   take no step; masks before it are still decoded."""

@@ -47,6 +47,13 @@ def test_denoisers_match_the_model_forward(loaded, tiny_tokenizer, family):
   cached = den["prefix"].logits(canvas, start, None, state, cache, first)
   refreshed, dual = den["dual"].refresh(canvas, start, state, cache, first)
   dual_step = den["dual"].logits(canvas, start, dual, state, cache, first)
+  # the samplers' path: `setup` computes the canvas's rotary angles once, outside the loop
+  ops = den["prefix"].setup(canvas, state, cache, first)
+  assert len(ops) == 4 and ops[3][0].shape == (2, 8, model.cfg.lm.head_dim // 2)
+  assert_close(den["prefix"].logits(canvas, start, None, *ops), cached, rel=1e-6)
+  refreshed_r, dual_r = den["dual"].refresh(canvas, start, *ops)
+  assert_close(refreshed_r, refreshed, rel=1e-6)
+  assert_close(den["dual"].logits(canvas, start, dual_r, *ops), dual_step, rel=1e-6)
   lm = model.lm
   for b, (ids, images) in enumerate(prompts):
     s = int(start[b])

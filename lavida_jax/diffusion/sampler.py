@@ -294,10 +294,15 @@ class Denoiser(NamedTuple):
   cache_batch_axes: cache -> the cache's structure with each leaf's batch axis
     (an int), or None: axis 0 everywhere. Rows refresh at different steps, so a
     refresh replaces only the refreshed rows' part of the cache.
+  setup: None, or (canvas0 [B, L], *operands) -> operands: loop-invariant work done
+    once before the first step (the canvas's rotary angles); `logits` and
+    `refresh` then receive its operands. XLA does not hoist such work out of
+    the loop itself.
   """
   logits: Callable[..., jax.Array]
   refresh: Callable[..., tuple[jax.Array, object]] | None = None
   cache_batch_axes: Callable[[object], object] | None = None
+  setup: Callable[..., tuple] | None = None
 
 
 def full_canvas_denoiser(denoise_fn: Callable[..., jax.Array], block_length: int) -> Denoiser:
@@ -433,6 +438,8 @@ def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
   _check_canvas(canvas0.shape, cfg)
   den = (denoise_fn if isinstance(denoise_fn, Denoiser)
          else full_canvas_denoiser(denoise_fn, cfg.block_length))
+  if den.setup is not None:
+    operands = tuple(den.setup(canvas0, *operands))
   if cfg.decoder == "fixed":
     counts = jnp.asarray(counts).astype(jnp.int32)
     expected = (canvas0.shape[0], cfg.num_blocks, cfg.steps_per_block)

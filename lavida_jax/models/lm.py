@@ -181,7 +181,14 @@ class DiffusionLM(nnx.Module):
     h, kv = self._blocks(x_BPD, positions, valid, collect_kv=True)
     return KVCache(*cache_layout(kv), valid, valid.sum(axis=1)), self.final_norm(h)
 
-  def hidden_with_cache(self, x_BTD, cache: KVCache, start_B=None, collect_kv=False):
+  def canvas_rope(self, cache: KVCache, length: int):
+    """(cos, sin) [B, length, H/2] of the canvas positions after the cached prompt,
+    for `hidden_with_cache(rope=...)`: computed once per call, not every step."""
+    positions = cache.length[:, None] + jnp.arange(length)[None, :]
+    return layers.rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
+
+  def hidden_with_cache(self, x_BTD, cache: KVCache, start_B=None, collect_kv=False,
+                        rope=None):
     """Canvas embeddings -> hidden [B, T, D], attending to the cache and to themselves.
 
     x_BTD: the canvas positions start..start+T-1 (start_B [B], default 0), i.e.
@@ -190,22 +197,25 @@ class DiffusionLM(nnx.Module):
     never updated. Prefix-DLM passes the whole canvas over the prefix cache; the
     dual cache (SPEC §14) passes a block over prefix + canvas keys, its own
     window marked invalid. collect_kv: also return their (k, v) in the cache's
-    layout (`KVCache.extend` appends them).
+    layout (`KVCache.extend` appends them). rope: these positions' (cos, sin)
+    [B, T, H/2] (`canvas_rope`), else computed here.
     """
     b, t, _ = x_BTD.shape
     start = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
     positions = (cache.length + start)[:, None] + jnp.arange(t)[None, :]
     h, kv = self._blocks(x_BTD, positions, cache.valid, collect_kv,
-                         prefix_kv=cache.layers())
+                         prefix_kv=cache.layers(), rope=rope)
     return (self.final_norm(h), cache_layout(kv)) if collect_kv else self.final_norm(h)
 
-  def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None):
+  def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None,
+              rope=None):
     """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`);
     with prefix_kv, the cached keys' validity [B, P] (`layers.cached_attention`)."""
     b, t, _ = x_BTD.shape
     if positions_BT is None:
       positions_BT = jnp.broadcast_to(jnp.arange(t), (b, t))
-    rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
+    if rope is None:
+      rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
     x_BTD = constrain(x_BTD.astype(self.dtype), ("batch", "length", None))
     return layers.scan_layers(self.blocks, x_BTD, mask, rope,
                               collect_kv, xs=prefix_kv, remat=self.cfg.remat)
