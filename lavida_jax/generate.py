@@ -309,11 +309,12 @@ class Generator:
   layer's weights out of the stack, which XLA copies on every pass: a quarter
   of a d512 cached step on the CPU, half of a full-size LaViDa-L cached step on
   an H200 (13.5 -> 6.5 ms at batch 1, benchmarks/README.md). It costs a second
-  copy of those weights (pass False where memory is short; TPUs keep the scan).
-  On CPUs the attention of the vision tower and of the prefill is
-  `layers.xla_attention` (the same values; the d512 bench's vision 91 -> 63 ms),
-  and the kernels are stored [out, in] (`layers.out_major_kernels`: the same
-  products; its step 26.4 -> 24.4 ms).
+  copy of those weights (pass False where memory is short; TPUs keep the scan);
+  on CPUs that copy is stored [out, in] (`layers.out_major_kernels`, the same
+  products: the d512 bench's step 26.4 -> 24.4 ms, d1024's 1.6x faster with the
+  canvas's rotary angles computed once). On CPUs the attention of the vision
+  tower and of the prefill is `layers.xla_attention` (the same values; the d512
+  bench's vision 91 -> 63 ms).
 
   on_step: `on_step(canvas [B, L], steps [B])`, numpy, called on the host after every
   denoising step (streaming; `sampler.sample`). It is compiled in: a Generator with
@@ -343,7 +344,8 @@ class Generator:
       for _, m in nnx.iter_modules(run):
         if isinstance(m, layers.Attention) and m.implementation in (None, "xla"):
           m.implementation = "xla_cpu"
-      layers.out_major_kernels(run)
+      if unroll_layers:  # the copy of the weights unrolling already costs
+        layers.out_major_kernels(run)
     self.lm_graphdef, self.lm_state = nnx.split(run.lm)
     self.graphdef, self.state = nnx.split(run)
     self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,

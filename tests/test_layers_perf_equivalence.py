@@ -169,8 +169,9 @@ def test_out_major_kernels_give_the_same_products(in_shape, out_shape, lead):
 
 def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
   """On the CPU the Generator's own modules take `xla_attention` (vision and prefill)
-  and [out, in] kernels; the model it was given keeps jax's attention and its own
-  kernels, and its prefill's cache and logits are the model's own to fp32 rounding."""
+  and, with its unrolled copy of the weights, [out, in] kernels; the model it was
+  given keeps jax's attention and its own kernels, and its prefill's cache and
+  logits are the model's own to fp32 rounding."""
   _, model = loaded("lavida-llada")
   cfg = sampler_lib.SamplerConfig(gen_length=8, steps=8, block_length=8,
                                   mask_id=model.cfg.lm.mask_id)
@@ -182,6 +183,8 @@ def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
   linears = lambda m: [a for _, a in nnx.iter_modules(m) if isinstance(a, layers.Linear)]
   assert all(a.out_major for a in linears(nnx.merge(gen.graphdef, gen.state)))
   assert not any(a.out_major for a in linears(model))
+  scanned = generate.Generator(model, None, cfg, unroll_layers=False)  # no copy: as stored
+  assert not any(a.out_major for a in linears(nnx.merge(scanned.graphdef, scanned.state)))
   assert model.lm.head.kernel[...].shape == (model.cfg.lm.d_model, model.cfg.lm.vocab_size)
   x = jax.random.normal(jax.random.key(0), (2, 12, model.cfg.lm.d_model))
   valid = jnp.arange(12)[None] >= jnp.array([[0], [5]])  # left padding
