@@ -22,6 +22,7 @@ import logging
 import os
 import sys
 import time
+import weakref
 from typing import Sequence
 
 import jax
@@ -291,6 +292,58 @@ def _platform(model: nnx.Module) -> str:
   return next(iter(sh.device_set)).platform if sh is not None else jax.default_backend()
 
 
+def _weakref(x):
+  try:
+    return weakref.ref(x)
+  except TypeError:  # not weakly referable: hold it
+    return lambda: x
+
+
+class InferenceCopy:
+  """A model's modules arranged for decoding (`Generator`'s unroll_layers), built once
+  per model, arrangement and weights and shared by every Generator holding it: a
+  server's or a harness's Generators (one per sampler setting) would otherwise each
+  keep a copy of the weights. Built anew once the model's weights are other arrays
+  (after training steps or a reload); it goes when its last Generator does."""
+
+  def __init__(self, model: LaViDa, unroll: bool):
+    self.weights = [_weakref(a) for a in jax.tree.leaves(nnx.state(model))]
+    graphdef, state = nnx.split(model)
+    # New modules and variables over the same arrays: nnx.merge(*nnx.split(model))
+    # would share the variables, and an in-place update of the model (nnx.update)
+    # would reach the arrays this copy did not copy but not the ones it did.
+    run = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+    if unroll:
+      run.lm.blocks = layers.unstack_layers(run.lm.blocks)
+      run.vision.blocks = layers.unstack_layers(run.vision.blocks)
+    if _platform(model) == "cpu":  # XLA:CPU's faster forms of the same products
+      for _, m in nnx.iter_modules(run):
+        if isinstance(m, layers.Attention) and m.implementation in (None, "xla"):
+          m.implementation = "xla_cpu"
+      if unroll:  # the copy of the weights unrolling already costs
+        layers.out_major_kernels(run)
+    self.model = run
+
+  def of(self, leaves) -> bool:
+    return len(leaves) == len(self.weights) and all(
+        r() is a for r, a in zip(self.weights, leaves))
+
+
+_COPIES: "weakref.WeakValueDictionary[tuple[int, bool], InferenceCopy]" = (
+    weakref.WeakValueDictionary())
+
+
+def inference_copy(model: LaViDa, unroll: bool | None = None) -> InferenceCopy:
+  """The shared `InferenceCopy` of `model` (unroll None: on CPUs and GPUs)."""
+  if unroll is None:
+    unroll = _platform(model) in ("cpu", "gpu", "cuda", "rocm")
+  key = (id(model), bool(unroll))
+  copy = _COPIES.get(key)
+  if copy is None or not copy.of(jax.tree.leaves(nnx.state(model))):
+    copy = _COPIES[key] = InferenceCopy(model, bool(unroll))
+  return copy
+
+
 class Generator:
   """Compiled prefill and sampler for one model, sampler config and cache; reuse it.
 
@@ -309,7 +362,8 @@ class Generator:
   layer's weights out of the stack, which XLA copies on every pass: a quarter
   of a d512 cached step on the CPU, half of a full-size LaViDa-L cached step on
   an H200 (13.5 -> 6.5 ms at batch 1, benchmarks/README.md). It costs a second
-  copy of those weights (pass False where memory is short; TPUs keep the scan);
+  copy of those weights, one per model and weights however many Generators hold
+  it (`inference_copy`; pass False where memory is short; TPUs keep the scan);
   on CPUs that copy is stored [out, in] (`layers.out_major_kernels`, the same
   products: the d512 bench's step 26.4 -> 24.4 ms, d1024's 1.6x faster with the
   canvas's rotary angles computed once). On CPUs the attention of the vision
@@ -333,19 +387,8 @@ class Generator:
     if model.cfg.reference_compat and cfg.decoder == "fixed":
       cfg = dataclasses.replace(cfg, forbid_mask=False)
     self.cfg, self.system_prompt = cfg, system_prompt
-    platform = _platform(model)
-    if unroll_layers is None:
-      unroll_layers = platform in ("cpu", "gpu", "cuda", "rocm")
-    run = nnx.merge(*nnx.split(model))  # new modules over the same arrays
-    if unroll_layers:
-      run.lm.blocks = layers.unstack_layers(run.lm.blocks)
-      run.vision.blocks = layers.unstack_layers(run.vision.blocks)
-    if platform == "cpu":  # XLA:CPU's faster forms of the same products
-      for _, m in nnx.iter_modules(run):
-        if isinstance(m, layers.Attention) and m.implementation in (None, "xla"):
-          m.implementation = "xla_cpu"
-      if unroll_layers:  # the copy of the weights unrolling already costs
-        layers.out_major_kernels(run)
+    self._copy = inference_copy(model, unroll_layers)  # held: shared with the others
+    run = self._copy.model
     self.lm_graphdef, self.lm_state = nnx.split(run.lm)
     self.graphdef, self.state = nnx.split(run)
     self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,

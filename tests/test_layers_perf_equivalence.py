@@ -191,3 +191,39 @@ def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
   (kv, logits), (kv0, h0) = gen._prefill(gen.lm_state, x, valid), model.lm.prefill(x, valid)
   assert_close(logits, model.lm.logits_from_hidden(h0[:, -1]), rel=1e-5)
   assert_close(kv.layers()[0][0], kv0.layers()[0][0], rel=1e-5)
+
+
+def test_generators_of_one_model_share_one_inference_copy(loaded, tiny_tokenizer):
+  """A server's or harness's Generators (one per setting) and the likelihood scorer
+  hold one copy of the weights, not one each; new weights get a new copy, which
+  decodes from them; the copy goes with its last holder."""
+  import gc
+  import weakref
+
+  from lavida_jax.lmms import likelihood
+
+  _, loaded_model = loaded("lavida-llada")
+  model = nnx.clone(loaded_model)  # its weights are replaced below
+  cfg = lambda n: sampler_lib.SamplerConfig(gen_length=n, steps=n, block_length=n,
+                                            mask_id=model.cfg.lm.mask_id)
+  leaves = lambda state: jax.tree.leaves(state)
+  a = generate.Generator(model, tiny_tokenizer, cfg(8))
+  b = generate.Generator(model, tiny_tokenizer, cfg(4), cache="dual")
+  scorer = likelihood.Scorer(model, tiny_tokenizer, None, mc_num=2, rows=2)
+  assert all(x is y for x, y in zip(leaves(a.state), leaves(b.state)))
+  assert all(x is y for x, y in zip(leaves(a.lm_state), leaves(scorer.lm_state)))
+  req = [generate.Request("What colour is the circle?", None)]
+  before = a(req)[0].ids
+  # new weights (as after training steps): a new copy, and the old Generators keep theirs
+  nnx.update(model, jax.tree.map(lambda w: -w, nnx.state(model, nnx.Param)))
+  c = generate.Generator(model, tiny_tokenizer, cfg(8))
+  params = lambda g: leaves(nnx.state(g._copy.model, nnx.Param))
+  assert a._copy is not c._copy and not any(x is y for x, y in zip(params(a), params(c)))
+  assert c(req)[0].ids == generate.Generator(model, tiny_tokenizer, cfg(8),
+                                             unroll_layers=False)(req)[0].ids
+  assert a(req)[0].ids == before  # its copy has its own variables: the update missed it
+  assert_close(a._copy.model.lm.embed[...], -model.lm.embed[...], rel=0)
+  ref = weakref.ref(a._copy)
+  del a, b, scorer
+  gc.collect()
+  assert ref() is None

@@ -46,7 +46,8 @@ class Scorer:
       raise ValueError(f"mc_num ({mc_num}) and mc_batch ({rows}) must be >= 1")
     self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
     self.batches, self.rows = max(mc_num // rows, 1), rows
-    lm_graphdef, self.lm_state = nnx.split(model.lm)
+    self._copy = generate.inference_copy(model)  # the Generators' arrangement, shared
+    lm_graphdef, self.lm_state = nnx.split(self._copy.model.lm)
     self._terms = jax.jit(functools.partial(
         _terms, lm_graphdef=lm_graphdef, rows=rows, mask_id=model.cfg.lm.mask_id,
         shifted=model.cfg.lm.shifted_logits))
@@ -68,7 +69,7 @@ class Scorer:
     """The prompt's embeddings, left-padded to its bucket: (x [1, P, D], valid [1, P])."""
     ids, images = generate.prompt_ids(self.model, self.tokenizer, request, self.system_prompt)
     length = generate.bucket(generate.prompt_length(self.model, ids, images))
-    return generate.embed_prompts(self.model, [(ids, images)], length)
+    return generate.embed_prompts(self._copy.model, [(ids, images)], length)
 
   def __call__(self, prefix, continuation: str, rng) -> float:
     """ELBO estimate of `continuation`'s tokens after `prefix` (from `prefix()`)."""
