@@ -167,6 +167,33 @@ def test_out_major_kernels_give_the_same_products(in_shape, out_shape, lead):
   assert lin.kernel[...] is k0
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("masked", [False, True], ids=["all_keys", "cache_padding"])
+def test_per_head_cached_attention_equals_batched(heads, kv_heads, masked):
+  """Batch 1 as 2-D matmuls per kv head (XLA:CPU) == the head-batched form, with the
+  prompt's left padding and a query group per kv head; batch > 1 takes the batched
+  form."""
+  rng = np.random.default_rng(5)
+  t, p, h = 6, 11, 16
+  a = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, k, v = a(2, t, heads, h), a(2, t, kv_heads, h), a(2, t, kv_heads, h)
+  ck, cv = a(2, kv_heads, p, h), a(2, kv_heads, h, p)
+  valid = (jnp.arange(p)[None] >= jnp.array([[3], [0]])) if masked else None
+  for b in (1, 2):
+    args = (q[:b], k[:b], v[:b], ck[:b], cv[:b], None if valid is None else valid[:b])
+    assert_close(layers.cached_attention(*args, per_head=True),
+                 layers.cached_attention(*args), rel=1e-6)
+  # and both are softmax attention over [cache, own] keys
+  keys = jnp.concatenate([jnp.swapaxes(ck, 1, 2), k], axis=1)
+  values = jnp.concatenate([jnp.moveaxis(cv, 3, 1), v], axis=1)
+  mask = None if valid is None else jnp.concatenate([valid, jnp.ones((2, t), bool)], 1)
+  want = jax.nn.dot_product_attention(q, keys, values,
+                                      mask=None if mask is None else mask[:, None, None])
+  assert_close(layers.cached_attention(q[:1], k[:1], v[:1], ck[:1], cv[:1],
+                                       None if valid is None else valid[:1], per_head=True),
+               want[:1], rel=1e-5)
+
+
 def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
   """On the CPU the Generator's own modules take `xla_attention` (vision and prefill)
   and, with its unrolled copy of the weights, [out, in] kernels; the model it was
