@@ -165,6 +165,16 @@ def test_out_major_kernels_give_the_same_products(in_shape, out_shape, lead):
   k0 = lin.kernel[...]
   layers.out_major_kernels(lin)  # idempotent
   assert lin.kernel[...] is k0
+  # int8 kernels (qwix scales per output channel) and adapted ones keep their layout
+  from lavida_jax.models import lora, quant
+  int8, adapted = nnx.clone(ref), nnx.clone(ref)
+  quant.quantize_linear(int8)
+  n = int(np.prod(in_shape))
+  lora.attach(adapted, jnp.ones(lead + in_shape + (2,)), jnp.ones(lead + (2,) + out_shape), 0.5)
+  for m in (int8, adapted):
+    k = m.kernel[...]
+    layers.out_major_kernels(m)
+    assert not m.out_major and m.kernel[...] is k and k.shape[-1] != n
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
@@ -172,17 +182,21 @@ def test_out_major_kernels_give_the_same_products(in_shape, out_shape, lead):
 def test_per_head_cached_attention_equals_batched(heads, kv_heads, masked):
   """Batch 1 as 2-D matmuls per kv head (XLA:CPU) == the head-batched form, with the
   prompt's left padding and a query group per kv head; batch > 1 takes the batched
-  form."""
+  form (4 dots, not 4 per kv head)."""
   rng = np.random.default_rng(5)
   t, p, h = 6, 11, 16
   a = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
   q, k, v = a(2, t, heads, h), a(2, t, kv_heads, h), a(2, t, kv_heads, h)
   ck, cv = a(2, kv_heads, p, h), a(2, kv_heads, h, p)
   valid = (jnp.arange(p)[None] >= jnp.array([[3], [0]])) if masked else None
+  dots = lambda *args, **kw: str(jax.make_jaxpr(
+      lambda *a: layers.cached_attention(*a, **kw))(*args)).count("dot_general")
   for b in (1, 2):
     args = (q[:b], k[:b], v[:b], ck[:b], cv[:b], None if valid is None else valid[:b])
     assert_close(layers.cached_attention(*args, per_head=True),
                  layers.cached_attention(*args), rel=1e-6)
+    assert dots(*args) == 4
+    assert dots(*args, per_head=True) == (4 * kv_heads if b == 1 else 4)
   # and both are softmax attention over [cache, own] keys
   keys = jnp.concatenate([jnp.swapaxes(ck, 1, 2), k], axis=1)
   values = jnp.concatenate([jnp.moveaxis(cv, 3, 1), v], axis=1)
