@@ -179,6 +179,7 @@ def compare(args, model, tok):
   L = args.gen_length
   cfg = SamplerConfig(gen_length=L, block_length=L, steps=args.steps,
                       mask_id=model.cfg.lm.mask_id)
+  lookaheads = [int(j) for j in args.lookahead.split(",")]
   prompt = generate.prompt_ids(model, tok, req)
   gen = generate.Generator(model, tok, cfg, True)
   canvas0 = gen.canvas([req])
@@ -188,13 +189,16 @@ def compare(args, model, tok):
     path = os.path.join(tmp, "inputs.npz")
     np.savez(path, **torch_inputs(model, prompt, canvas0, counts))
     for cache in (True, False) if args.no_cache else (True,):
-      ours, theirs = [], []
+      ours, theirs = {j: [] for j in lookaheads}, []
       for _ in range(args.rounds):
         theirs.append(run_torch(path, args.runs, args.torch_threads, cache))
-        ours.append(time_ours(model, tok, req, cfg, cache, args.runs,
-                              False if args.scanned else None))
+        for j in lookaheads if cache else (0,):
+          ours[j].append(time_ours(model, tok, req, dataclasses.replace(cfg, lookahead=j),
+                                   cache, args.runs, False if args.scanned else None))
       keys = ("vision_s", "prefill_s", "steps_s", "total_s", "per_step_ms")
-      for side, rs in (("lavida-jax", ours), ("LaViDa PyTorch", theirs)):
+      sides = [(f"lavida-jax" + (f" lookahead {j}" if j else ""), rs)
+               for j, rs in ours.items() if rs] + [("LaViDa PyTorch", theirs)]
+      for side, rs in sides:
         row = {k: statistics.median(r[k] for r in rs) for k in keys}
         row.update(side=side, cache=cache, tokens=rs[-1]["tokens"], prefix=rs[-1]["prefix"],
                    steps=rs[-1]["steps"], bucket=rs[-1].get("bucket"))
@@ -204,17 +208,19 @@ def compare(args, model, tok):
         f"prefix={rows[0]['prefix']} (bucket {rows[0]['bucket']}) L={L} steps={args.steps} "
         f"runs={args.runs}x{args.rounds} torch threads={theirs[-1]['threads']}"
         + (" scanned layers" if args.scanned else " layers unrolled on the CPU"))
-  print(f"{'side':>15} {'cache':>6} {'total s':>8} {'vision s':>9} {'prefill s':>10} "
-        f"{'steps s':>8} {'ms/step':>8}")
+  print(f"{'side':>26} {'cache':>6} {'total s':>8} {'vision s':>9} {'prefill s':>10} "
+        f"{'steps s':>8} {'passes':>6} {'ms/pass':>8}")
   for r in rows:
-    print(f"{r['side']:>15} {str(r['cache']):>6} {r['total_s']:>8.3f} {r['vision_s']:>9.3f} "
-          f"{r['prefill_s']:>10.3f} {r['steps_s']:>8.3f} {r['per_step_ms']:>8.1f}")
+    print(f"{r['side']:>26} {str(r['cache']):>6} {r['total_s']:>8.3f} {r['vision_s']:>9.3f} "
+          f"{r['prefill_s']:>10.3f} {r['steps_s']:>8.3f} {r['steps']:>6} "
+          f"{r['per_step_ms']:>8.1f}")
   for cache in sorted({r["cache"] for r in rows}, reverse=True):
-    a, b = [r for r in rows if r["cache"] == cache]
-    same = a["tokens"] == b["tokens"]
-    print(f"cache={cache}: PyTorch / ours total = {b['total_s'] / a['total_s']:.2f}x; "
-          f"tokens identical: {same}" + ("" if same else f"\n  ours  {a['tokens']}\n  torch "
-                                                       f"{b['tokens']}"))
+    *mine, b = [r for r in rows if r["cache"] == cache]
+    for a in mine:
+      same = a["tokens"] == b["tokens"]
+      print(f"cache={cache} {a['side']}: PyTorch / ours total = "
+            f"{b['total_s'] / a['total_s']:.2f}x; tokens identical: {same}"
+            + ("" if same else f"\n  ours  {a['tokens']}\n  torch {b['tokens']}"))
   return rows
 
 
@@ -267,6 +273,8 @@ def main():
                   help="ours only: ms per step of each cache at L = 64, 128, 256")
   ap.add_argument("--bucket", type=int, default=None,
                   help="pad every prompt to this length (e.g. 1024: the old bucket of 601)")
+  ap.add_argument("--lookahead", default="0,1",
+                  help="ours with each of these fixed-decoder lookaheads (prefix cache)")
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--json", default=None, help="also write the results here")
   args = ap.parse_args()

@@ -223,19 +223,35 @@ def _denoise_full(canvas, start, _, lm_state, prefix_x, prefix_valid, *, lm_grap
   return lm.logits_from_hidden(sampler_lib.block_slice(h, start, lb))
 
 
-def _with_rope(canvas0, lm_state, cache, first, *, lm_graphdef):
+def _with_rope(canvas0, lm_state, cache, first, *, lm_graphdef, split_heads=False):
   """The cached denoisers' `setup`: the canvas's rotary angles, once per call (else
-  each step recomputes them in every layer's q and k: ~5% of a d512 step on CPUs)."""
+  each step recomputes them in every layer's q and k: ~5% of a d512 step on CPUs).
+  split_heads (XLA:CPU, per-layer caches): at batch 1 the cache split by head, so
+  no step copies a head out of it (`layers.split_heads`)."""
   rope = nnx.merge(lm_graphdef, lm_state).canvas_rope(cache, canvas0.shape[1])
+  if split_heads and canvas0.shape[0] == 1 and isinstance(cache.k, tuple):
+    k, v = zip(*(layers.split_heads(k, v) for k, v in zip(cache.k, cache.v)))
+    cache = cache._replace(k=k, v=v)
   return lm_state, cache, first, rope
 
 
 def _denoise_prefix(canvas, start, _, lm_state, cache, first, rope=None, *, lm_graphdef, shifted,
                     lb):
-  """Prefix-DLM: the whole canvas over the prompt's KV cache every step."""
+  """Prefix-DLM: the whole canvas over the prompt's KV cache every step. canvas
+  [B, S, L] (the lookahead): S canvases per row side by side in one pass."""
   lm = nnx.merge(lm_graphdef, lm_state)
-  h = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, rope=rope)
-  return _from_canvas_hidden(lm, h, start, first, lb, shifted)
+  if canvas.ndim == 2:
+    h = lm.hidden_with_cache(lm.embed_tokens(canvas), cache, rope=rope)
+    return _from_canvas_hidden(lm, h, start, first, lb, shifted)
+  b, s, length = canvas.shape
+  if rope is not None:
+    rope = tuple(jnp.tile(a, (1, s, 1)) for a in rope)
+  h = lm.hidden_with_cache(lm.embed_tokens(canvas.reshape(b, s * length)), cache, rope=rope,
+                           groups=s)
+  per_canvas = lambda a: jnp.repeat(a, s, axis=0)
+  logits = _from_canvas_hidden(lm, h.reshape(b * s, length, -1), per_canvas(start),
+                               per_canvas(first), lb, shifted)
+  return logits.reshape(b, s, lb, -1)
 
 
 def _dual_refresh(canvas, start, lm_state, cache, first, rope=None, *, lm_graphdef, shifted, lb):
@@ -269,15 +285,19 @@ def _dual_step(canvas, start, dual, lm_state, cache, first, rope=None, *, lm_gra
   return _shift_block(logits, first, start) if shifted else logits
 
 
-def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int):
+def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int,
+             split_heads: bool = False):
   """The sampler's `Denoiser` for a cache mode (operands: lm_state, then the
-  prompt's (x, valid) for "none" or its (KV cache, first logits) otherwise)."""
+  prompt's (x, valid) for "none" or its (KV cache, first logits) otherwise).
+  split_heads: the prefix cache split by head at batch 1 (`_with_rope`)."""
   kw = dict(lm_graphdef=lm_graphdef, shifted=shifted, lb=block_length)
   if cache_mode == "none":
     return sampler_lib.Denoiser(functools.partial(_denoise_full, **kw))
   setup = functools.partial(_with_rope, lm_graphdef=lm_graphdef)
   if cache_mode == "prefix":
-    return sampler_lib.Denoiser(functools.partial(_denoise_prefix, **kw), setup=setup)
+    return sampler_lib.Denoiser(functools.partial(_denoise_prefix, **kw),
+                                setup=functools.partial(setup, split_heads=split_heads),
+                                canvases=True)
   if cache_mode == "dual":
     return sampler_lib.Denoiser(functools.partial(_dual_step, **kw),
                                 functools.partial(_dual_refresh, **kw),
@@ -393,7 +413,10 @@ class Generator:
     self.graphdef, self.state = nnx.split(run)
     self._prepare = jax.jit(functools.partial(_prepare, graphdef=self.graphdef,
                                               cache=cache != "none"))
-    den = denoiser(cache, self.lm_graphdef, model.cfg.lm.shifted_logits, cfg.block_length)
+    if cfg.lookahead and cache != "prefix":
+      raise ValueError(f"lookahead needs cache='prefix', got {cache!r}")
+    den = denoiser(cache, self.lm_graphdef, model.cfg.lm.shifted_logits, cfg.block_length,
+                   split_heads=_platform(model) == "cpu")
     self._sample = sampler_lib.make_sampler(den, cfg, return_steps=True, on_step=on_step)
     self._prefill = jax.jit(functools.partial(_prefill, lm_graphdef=self.lm_graphdef))
 
@@ -577,6 +600,9 @@ def define_decoding_flags(steps_list: bool = False):
                 "decoding (as many steps as the answer needs).")
   f.DEFINE_float("threshold", 0.9, "threshold decoder: commit masks with confidence >= this.")
   f.DEFINE_float("factor", 1.0, "factor decoder: Fast-dLLM's f.")
+  f.DEFINE_integer("lookahead", 0, "fixed decoder with the prefix cache: the next steps' "
+                   "canvases guessed and verified in each pass (the same tokens in fewer "
+                   "passes; 1-3 pay where a pass costs the weights' bytes).")
   f.DEFINE_enum("cache", None, list(CACHES), "KV cache: none (Full-DLM), prefix "
                 "(Prefix-DLM) or dual (prefix + canvas keys refreshed per block). Default: "
                 "--prefix_cache.")
@@ -599,7 +625,8 @@ def decoding_from_flags(FLAGS, mask_id: int, steps: int | None = None):
       gen_length=FLAGS.gen_length, block_length=FLAGS.block_length,
       steps=FLAGS.steps if steps is None else steps, schedule=FLAGS.schedule,
       alpha=FLAGS.shift, temperature=FLAGS.temperature, confidence=FLAGS.confidence,
-      mask_id=mask_id, decoder=FLAGS.decoder, threshold=FLAGS.threshold, factor=FLAGS.factor)
+      mask_id=mask_id, decoder=FLAGS.decoder, threshold=FLAGS.threshold, factor=FLAGS.factor,
+      lookahead=FLAGS.lookahead)
   return cfg, FLAGS.cache or ("prefix" if FLAGS.prefix_cache else "none")
 
 

@@ -186,6 +186,31 @@ def test_every_decoder_and_cache_batch_of_one_equals_padded_batch(loaded, tiny_t
     assert all(1 < r.nfe <= 8 + 1 for r in batch)
 
 
+@pytest.mark.parametrize("family", ["lavida-llada", "lavida-dream"])
+def test_lookahead_gives_the_same_answers_in_no_more_passes(loaded, tiny_tokenizer, family):
+  """The fixed decoder's lookahead over the prefix cache (canvases side by side,
+  Dream's shifted logits, the batch-1 cache split by head on the CPU): every row's
+  tokens are the plain decoder's, alone or in a ragged batch, in at most its passes."""
+  import dataclasses
+  _, model = loaded(family)
+  cfg = _cfg(model, gen_length=8, block_length=8, steps=8)
+  reqs = REQS + [generate.Request(REQS[1].prompt, REQS[1].image, "red <|mdm_mask|> circle")]
+  plain = generate.Generator(model, tiny_tokenizer, cfg, cache="prefix")(reqs)
+  for j in (1, 3):
+    gen = generate.Generator(model, tiny_tokenizer, dataclasses.replace(cfg, lookahead=j),
+                             cache="prefix")
+    out = gen(reqs)
+    assert [r.ids for r in out] == [r.ids for r in plain]
+    assert all(r.nfe <= p.nfe for r, p in zip(out, plain))
+    assert sum(r.nfe for r in out) < sum(p.nfe for p in plain)  # guesses do hold
+    for i in (0, 4):
+      alone = gen(reqs[i:i + 1])[0]
+      assert (alone.ids, alone.nfe) == (out[i].ids, out[i].nfe), i
+  with pytest.raises(ValueError, match="lookahead needs cache='prefix', got 'dual'"):
+    generate.Generator(model, tiny_tokenizer, dataclasses.replace(cfg, lookahead=1),
+                       cache="dual")
+
+
 def test_dual_cache_threshold_decoding_on_a_mesh_equals_one_device(reference_checkpoint,
                                                                   tiny_tokenizer, loaded):
   """Parameters sharded over 8 fake devices (data x fsdp x tensor = 2 x 2 x 2)."""

@@ -208,6 +208,33 @@ def test_per_head_cached_attention_equals_batched(heads, kv_heads, masked):
                want[:1], rel=1e-5)
 
 
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+def test_query_groups_are_canvases_that_never_see_each_other(heads, kv_heads):
+  """groups=3 (the lookahead's canvases side by side) == each canvas alone over the
+  same cache, in the batched, per-head and head-split forms; a cache split by head
+  (`split_heads`) == the unsplit one."""
+  rng = np.random.default_rng(6)
+  t, p, h, c = 5, 9, 16, 3
+  a = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  q, k, v = a(2, c * t, heads, h), a(2, c * t, kv_heads, h), a(2, c * t, kv_heads, h)
+  ck, cv = a(2, kv_heads, p, h), a(2, kv_heads, h, p)
+  valid = jnp.arange(p)[None] >= jnp.array([[2], [0]])
+  part = lambda x, i: x[:, i * t:(i + 1) * t]
+  want = jnp.concatenate([layers.cached_attention(part(q, i), part(k, i), part(v, i), ck, cv,
+                                                  valid) for i in range(c)], axis=1)
+  assert_close(layers.cached_attention(q, k, v, ck, cv, valid, groups=c), want, rel=1e-6)
+  one = (q[:1], k[:1], v[:1])
+  assert_close(layers.cached_attention(*one, ck[:1], cv[:1], valid[:1], per_head=True,
+                                       groups=c), want[:1], rel=1e-6)
+  split = layers.split_heads(ck[:1], cv[:1])
+  assert len(split[0]) == kv_heads and split[0][0].shape == (1, p, h)
+  assert_close(layers.cached_attention(*one, *split, valid[:1], groups=c), want[:1], rel=1e-6)
+  assert_close(layers.cached_attention(*one, *split, valid[:1]),
+               layers.cached_attention(*one, ck[:1], cv[:1], valid[:1]), rel=1e-6)
+  with pytest.raises(ValueError, match="15 queries do not split into 4 groups"):
+    layers.cached_attention(q, k, v, ck, cv, valid, groups=4)
+
+
 def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
   """On the CPU the Generator's own modules take `xla_attention` (vision and prefill)
   and, with its unrolled copy of the weights, [out, in] kernels; the model it was

@@ -9,6 +9,8 @@ owns the KV caches, SPEC §7.3). Decoders (static config, one program each):
   fixed      LaViDa's transfer counts: one `lax.scan` over num_blocks ·
              steps_per_block steps inside one `jax.jit` (`make_sampler`), the
              schedule a precomputed integer array (`transfer_schedule`, host);
+             with `lookahead` the same commits from fewer, wider passes
+             (`_sample_lookahead`);
   threshold  every mask of the block with confidence >= τ, at least one;
   factor     the top n with (n + 1)(1 − c_n) < f, at least one;
 the last two in a `lax.while_loop` whose rows move through their blocks at
@@ -61,6 +63,20 @@ adaptive decoders t is the row's own step count. A row's result thus depends
 only on its own canvas, counts, index and the key, never on the batch size or
 the other rows.
 
+Lookahead (fixed decoder, `lookahead` = J > 0): exact speculation. The
+positions a step ranks just below its k commits are usually the next steps'
+commits (the demo's captions: 82-89% for the next step). So each pass
+denoises 1 + J canvases of a row side by side over its prompt cache: the
+canvas now, and the canvases the next J steps would give if they committed
+the last pass's runners-up with its tokens. Each is verified against the true
+step from the one before it; the accepted prefix advances the row by up to
+1 + J steps. Every accepted canvas is exactly the fixed decoder's (same
+logits, keys and tie-breaks), so the tokens are the same; a wrong guess costs
+only its share of the pass. Worth it where a pass's cost is the weights'
+bytes, not the rows: batch 1 on an accelerator, small batches on CPUs.
+Needs a Denoiser whose `logits` take [B, S, L] canvases (`Denoiser.canvases`,
+the prefix cache's). Passes (the NFE) count each pass once.
+
 Caches: with a `Denoiser.refresh` (the dual cache), a row's first step in a
 block is a refresh pass, its other steps read the cache. A batch whose rows all
 refresh, or all read, makes one pass; a batch that mixes them (adaptive
@@ -90,6 +106,8 @@ class SamplerConfig:
   gen_length: L, the canvas length. block_length: positions per block
   (L must be a multiple). steps: steps over all blocks (a multiple of the
   number of blocks). schedule, alpha: `schedule.transfer_counts`.
+  lookahead: fixed decoder only: canvases guessed ahead and verified per pass
+  (module docstring, Lookahead); 0 (default) makes one step per pass.
   temperature: 0 for argmax, > 0 for Gumbel-max sampling. confidence: one of
   CONFIDENCES. mask_id: the mask token. forbid_ids: ids never sampled at mask
   positions (EOS, BOS, header ids, ...). forbid_mask: the mask id is never
@@ -118,6 +136,7 @@ class SamplerConfig:
   factor: float = 1.0
   stop_ids: tuple[int, ...] = ()
   forbid_mask: bool = True
+  lookahead: int = 0
 
   def __post_init__(self):
     if self.decoder not in DECODERS:
@@ -128,6 +147,10 @@ class SamplerConfig:
                        f"must be low_confidence or margin, got {self.confidence!r}")
     if not self.forbid_mask and self.decoder != "fixed":
       raise ValueError(f"forbid_mask=False needs the fixed decoder, got {self.decoder!r}")
+    if not (isinstance(self.lookahead, int) and self.lookahead >= 0):
+      raise ValueError(f"lookahead must be an int >= 0, got {self.lookahead!r}")
+    if self.lookahead and self.decoder != "fixed":
+      raise ValueError(f"lookahead needs the fixed decoder, got {self.decoder!r}")
     if not 0 < self.threshold <= 1:
       raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
     if not (math.isfinite(self.factor) and self.factor > 0):
@@ -298,11 +321,14 @@ class Denoiser(NamedTuple):
     once before the first step (the canvas's rotary angles); `logits` and
     `refresh` then receive its operands. XLA does not hoist such work out of
     the loop itself.
+  canvases: `logits` also takes canvases [B, S, L] (S per row, each over the
+    row's operands, none seeing another) -> [B, S, Lb, V]: the lookahead's pass.
   """
   logits: Callable[..., jax.Array]
   refresh: Callable[..., tuple[jax.Array, object]] | None = None
   cache_batch_axes: Callable[[object], object] | None = None
   setup: Callable[..., tuple] | None = None
+  canvases: bool = False
 
 
 def full_canvas_denoiser(denoise_fn: Callable[..., jax.Array], block_length: int) -> Denoiser:
@@ -440,14 +466,18 @@ def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
          else full_canvas_denoiser(denoise_fn, cfg.block_length))
   if den.setup is not None:
     operands = tuple(den.setup(canvas0, *operands))
+  if cfg.lookahead and not den.canvases:
+    raise ValueError("lookahead needs a Denoiser whose logits take [B, S, L] canvases "
+                     "(Denoiser.canvases; the Generator's prefix cache)")
   if cfg.decoder == "fixed":
     counts = jnp.asarray(counts).astype(jnp.int32)
     expected = (canvas0.shape[0], cfg.num_blocks, cfg.steps_per_block)
     if counts.shape != expected:
       raise ValueError(f"counts has shape {counts.shape}, expected (batch, "
                        f"num_blocks, steps_per_block) = {expected}")
-    canvas, history, steps = _sample_fixed(den, canvas0, counts, rng, cfg, operands,
-                                           return_history, on_step)
+    fixed = _sample_lookahead if cfg.lookahead else _sample_fixed
+    canvas, history, steps = fixed(den, canvas0, counts, rng, cfg, operands,
+                                   return_history, on_step)
   else:
     canvas, history, steps = _sample_adaptive(den, canvas0, rng, cfg, operands,
                                               return_history, on_step)
@@ -489,6 +519,89 @@ def _sample_fixed(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, opera
   carry = (canvas0, _empty_cache(den, canvas0, operands), jnp.zeros((batch,), jnp.int32))
   (canvas, _, steps), history = jax.lax.scan(body, carry, jnp.arange(nb * spb))
   return canvas, history, steps
+
+
+def _sample_lookahead(den: Denoiser, canvas0, counts, rng, cfg: SamplerConfig, operands,
+                      return_history: bool, on_step=None):
+  """The fixed decoder's steps, up to 1 + lookahead per pass (module docstring).
+
+  Each row walks its live steps (k > 0) in order at its own pace: a
+  `lax.while_loop` until every row has made them all. Carry per row: the
+  canvas, live steps done, and the last pass's ranking of its block (rank of
+  each position by confidence, its x0, and how many of it were committed),
+  from which the next pass's canvases are guessed.
+  """
+  batch, length = canvas0.shape
+  nb, spb, lb = cfg.num_blocks, cfg.steps_per_block, cfg.block_length
+  width, total = cfg.lookahead + 1, nb * spb
+  rows = jnp.arange(batch)
+  flat = counts.reshape(batch, total)
+  n_live = (flat > 0).sum(-1)
+  # live steps in order, then `total` (past the end) as padding
+  live_steps = jnp.argsort(flat == 0, axis=-1, stable=True).astype(jnp.int32)
+  live_steps = jnp.where(jnp.arange(total)[None] < n_live[:, None], live_steps, total)
+  live_steps = jnp.concatenate([live_steps, jnp.full((batch, width), total, jnp.int32)], -1)
+
+  def body(carry):
+    canvas, done, rank, guess, used, passes, history = carry
+    step = jax.vmap(lambda r, d: jax.lax.dynamic_slice_in_dim(r, d, width))(
+        live_steps, done)                                           # [B, S]
+    k = jnp.take_along_axis(flat, jnp.minimum(step, total - 1), -1) * (step < total)
+    blk = step // spb
+    start = jnp.minimum(blk[:, 0], nb - 1) * lb
+    block = block_slice(canvas, start, lb)                          # [B, Lb]
+    # canvas j commits the ranking's next (k_0 + .. + k_{j-1}) positions
+    ahead = jnp.cumsum(k, -1) - k                                   # [B, S]
+    pick = ((rank[:, None] >= used[:, None, None])
+            & (rank[:, None] < (used[:, None] + ahead)[..., None])
+            & (block[:, None] == cfg.mask_id))
+    blocks = jnp.where(pick, guess[:, None], block[:, None])       # [B, S, Lb]
+    canvases = jax.vmap(block_update, (None, 1, None), 1)(canvas, blocks, start)
+    logits = den.logits(canvases, start, None, *operands)           # [B, S, Lb, V]
+    logits = _forbid(logits.astype(jnp.float32), cfg)
+    keys = jax.vmap(jax.vmap(step_key, (None, None, 0)), (None, 0, 0))(rng, rows, step)
+    x0, conf = jax.vmap(lambda lg, ks: _predict(lg, ks, cfg), 1, 1)(logits, keys)
+    eligible = blocks == cfg.mask_id
+    conf = jnp.where(eligible, conf, -jnp.inf)
+    order = jnp.argsort(-conf, axis=-1, stable=True)
+    ranks = jnp.argsort(order, axis=-1).astype(jnp.int32)           # [B, S, Lb]
+    after = jnp.where(eligible & (ranks < k[..., None]), x0, blocks)  # each canvas's step
+    # canvas j is a true canvas of the fixed decoder if j - 1 was and its step gave j
+    real = (step < total) & (blk == blk[:, :1])
+    follows = jnp.all(after[:, :-1] == blocks[:, 1:], -1)
+    ok = jnp.cumprod(jnp.concatenate([real[:, :1], real[:, 1:] & follows], -1), -1)
+    made = ok.sum(-1)                                               # steps this pass
+    last = jnp.maximum(made - 1, 0)
+    pick_last = lambda a: jnp.take_along_axis(a, last.reshape((-1,) + (1,) * (a.ndim - 1)),
+                                              1)[:, 0]
+    moved = made > 0
+    canvas = jnp.where(moved[:, None], block_update(canvas, pick_last(after), start), canvas)
+    if return_history:  # each made step's canvas at its step index
+      full = jax.vmap(block_update, (1, 1, None), 1)(canvases, after, start)  # [B, S, L]
+      at = jnp.where(ok.astype(bool), step, total)
+      history = history.at[at, rows[:, None]].set(full, mode="drop")
+    carry = (canvas, done + made, pick_last(ranks), pick_last(x0).astype(jnp.int32),
+             jnp.where(moved, pick_last(k), used), passes + moved.astype(jnp.int32), history)
+    if on_step is not None:
+      jax.debug.callback(on_step, canvas, carry[5])
+    return carry
+
+  zeros_b = jnp.zeros((batch,), jnp.int32)
+  history = jnp.zeros((total + 1, batch, length), jnp.int32) if return_history else None
+  no_rank = jnp.full((batch, lb), jnp.iinfo(jnp.int32).max, jnp.int32)  # nothing guessed
+  carry = (canvas0, zeros_b, no_rank,
+           jnp.full((batch, lb), cfg.mask_id, jnp.int32), zeros_b, zeros_b, history)
+  canvas, _, _, _, _, passes, history = jax.lax.while_loop(
+      lambda c: jnp.any(c[1] < n_live), body, carry)
+  if return_history:  # steps without a commit keep the canvas before them
+    live = (flat > 0).T                                             # [total, B]
+
+    def fill(prev, x):
+      made, canvas = x
+      out = jnp.where(made[:, None], canvas, prev)
+      return out, out
+    _, history = jax.lax.scan(fill, canvas0, (live, history[:total]))
+  return canvas, history, passes
 
 
 def _sample_adaptive(den: Denoiser, canvas0, rng, cfg: SamplerConfig, operands,

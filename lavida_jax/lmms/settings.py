@@ -9,7 +9,7 @@ the papers' harnesses', so their task settings run unchanged:
   L / blocks, times `step_ratio`; `prefix_lm=True` is the prefix KV cache;
   `schedule` + `schedule__shift` (LaViDa's names); Dream's `alg` (topk_margin ...).
 - LLaDA-V: `gen_length`, `steps` (over all blocks), `block_length`.
-- Ours: `decoder`, `threshold`, `factor`, `cache`, `confidence`.
+- Ours: `decoder`, `threshold`, `factor`, `lookahead`, `cache`, `confidence`.
 
 HF-style keys the diffusion sampler has no use for (`do_sample`, `top_p`,
 `num_beams`, ...) are dropped; `until` is returned for the stop handling.
@@ -39,6 +39,7 @@ class Decoding:
   decoder: str = "fixed"
   threshold: float = 0.9
   factor: float = 1.0
+  lookahead: int = 0  # fixed decoder, prefix cache: the same tokens in fewer passes
   confidence: str = "low_confidence"
   cache: str = "prefix"
   temperature: float = 0.0
@@ -112,7 +113,8 @@ def resolve(gen_kwargs: dict, base: Decoding, mask_id: int):
       alpha=shift, temperature=float(kw.pop("temperature", base.temperature) or 0.0),
       confidence=confidence, mask_id=mask_id, decoder=kw.pop("decoder", base.decoder),
       threshold=float(kw.pop("threshold", base.threshold)),
-      factor=float(kw.pop("factor", base.factor)))
+      factor=float(kw.pop("factor", base.factor)),
+      lookahead=int(kw.pop("lookahead", base.lookahead)))
   return cfg, cache, until, sorted(kw)  # the last: keys nobody understood
 
 

@@ -255,7 +255,7 @@ def xla_attention(q_BTNH, k_BSKH, v_BSKH, mask=None):
 
 
 def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKHP, cache_valid_BP=None,
-                     per_head=False):
+                     per_head=False, groups: int = 1):
   """Attention of T queries over P cached keys and their own T keys (decoding).
 
   The softmax over [cache, own] is combined from two partial ones (shared max,
@@ -265,59 +265,82 @@ def cached_attention(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKHP, cache_valid_BP=No
   contractions read in place on XLA:CPU, the contracted axis minor: keys
   [B, K, P, H], values [B, K, H, P]; in any other layout XLA copies every
   layer's cache on every step (token-major: 15% of a d512 step; values
-  [B, K, P, H]: 10%). cache_valid_BP:
+  [B, K, P, H]: 10%). At batch 1 the cache may also come split by head, tuples
+  of K keys [1, P, H] and values [1, H, P] (`split_heads`). cache_valid_BP:
   bool, True where a cached key may be attended (prompt padding and, for the
   dual cache, the recomputed window are False); None: all. Always XLA's
   einsums: T is small (a canvas or a block). per_head (XLA:CPU, batch 1): the
   same values from 2-D matmuls, one kv head at a time (`_cached_attention_2d`).
+  groups: the T queries are `groups` independent canvases of T / groups
+  positions side by side (the fixed decoder's lookahead): each sees the whole
+  cache but only its own group's keys.
   """
   b, t, n, h = q_BTNH.shape
   kh = k_BTKH.shape[2]
-  if per_head and b == 1:
-    return _cached_attention_2d(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKHP, cache_valid_BP)
-  q = (q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype)).reshape(b, t, kh, n // kh, h)
+  if t % groups:
+    raise ValueError(f"{t} queries do not split into {groups} groups")
+  if isinstance(ck_BKPH, tuple) or (per_head and b == 1):
+    return _cached_attention_2d(q_BTNH, k_BTKH, v_BTKH, ck_BKPH, cv_BKHP, cache_valid_BP,
+                                groups)
+  c, t = groups, t // groups
+  q = (q_BTNH * jnp.asarray(h ** -0.5, q_BTNH.dtype)).reshape(b, c, t, kh, n // kh, h)
+  k, v = k_BTKH.reshape(b, c, t, kh, h), v_BTKH.reshape(b, c, t, kh, h)
   ck, cv = ck_BKPH.astype(q.dtype), cv_BKHP.astype(q.dtype)
-  s_cache = jnp.einsum("btkgh,bkph->bkgtp", q, ck, preferred_element_type=jnp.float32)
-  s_own = jnp.einsum("btkgh,bskh->bkgts", q, k_BTKH, preferred_element_type=jnp.float32)
+  s_cache = jnp.einsum("bctkgh,bkph->bkgctp", q, ck, preferred_element_type=jnp.float32)
+  s_own = jnp.einsum("bctkgh,bcskh->bkgcts", q, k, preferred_element_type=jnp.float32)
   if cache_valid_BP is not None:
-    s_cache = jnp.where(cache_valid_BP[:, None, None, None, :], s_cache, -jnp.inf)
+    s_cache = jnp.where(cache_valid_BP[:, None, None, None, None, :], s_cache, -jnp.inf)
   m = jnp.maximum(s_cache.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
   p_cache, p_own = jnp.exp(s_cache - m), jnp.exp(s_own - m)
-  denom = p_cache.sum(-1) + p_own.sum(-1)  # [B, K, G, T]
-  out = (jnp.einsum("bkgtp,bkhp->btkgh", p_cache.astype(cv.dtype), cv,
+  denom = p_cache.sum(-1) + p_own.sum(-1)  # [B, K, G, C, T]
+  out = (jnp.einsum("bkgctp,bkhp->bctkgh", p_cache.astype(cv.dtype), cv,
                     preferred_element_type=jnp.float32)
-         + jnp.einsum("bkgts,bskh->btkgh", p_own.astype(v_BTKH.dtype), v_BTKH,
+         + jnp.einsum("bkgcts,bcskh->bctkgh", p_own.astype(v.dtype), v,
                       preferred_element_type=jnp.float32))
-  out = out / denom.transpose(0, 3, 1, 2)[..., None]
-  return out.reshape(b, t, n, h).astype(q_BTNH.dtype)
+  out = out / denom.transpose(0, 3, 4, 1, 2)[..., None]
+  return out.reshape(b, c * t, n, h).astype(q_BTNH.dtype)
 
 
-def _cached_attention_2d(q_1TNH, k_1TKH, v_1TKH, ck_1KPH, cv_1KHP, cache_valid_1P):
+def _cached_attention_2d(q_1TNH, k_1TKH, v_1TKH, ck_1KPH, cv_1KHP, cache_valid_1P,
+                         groups: int = 1):
   """`cached_attention` at batch 1 as 2-D matmuls per kv head, each operand with its
   contracted axis minor: XLA:CPU runs them without the transposes and copies it puts
   around the head-batched ones (8 layers of a d512 step's attention 10 -> 7.5 ms on
-  2 cores); at batch > 1 the batched form is the faster one."""
+  2 cores); at batch > 1 the batched form is the faster one. A head's cache slice
+  is a copy on XLA:CPU (64 per d512 step, ~15% of its op time): a cache already
+  split by head (tuples) is read in place."""
   _, t, n, h = q_1TNH.shape
   kh = k_1TKH.shape[2]
-  g = n // kh
+  g, c = n // kh, groups
   q = (q_1TNH[0] * jnp.asarray(h ** -0.5, q_1TNH.dtype)).reshape(t, kh, g, h)
+  split = isinstance(ck_1KPH, tuple)
   outs = []
   for j in range(kh):  # a group's queries as rows: [T * G, H]
     qj = q[:, j].reshape(t * g, h)
-    ck, cv = ck_1KPH[0, j].astype(qj.dtype), cv_1KHP[0, j].astype(qj.dtype)
+    ck, cv = (ck_1KPH[j][0], cv_1KHP[j][0]) if split else (ck_1KPH[0, j], cv_1KHP[0, j])
+    ck, cv = ck.astype(qj.dtype), cv.astype(qj.dtype)
     s_cache = jnp.einsum("rh,ph->rp", qj, ck, preferred_element_type=jnp.float32)
-    s_own = jnp.einsum("rh,sh->rs", qj, k_1TKH[0, :, j], preferred_element_type=jnp.float32)
+    # own keys per canvas: [C, T / C * G, T / C]
+    qc, kc = qj.reshape(c, -1, h), k_1TKH[0, :, j].reshape(c, -1, h)
+    s_own = jnp.einsum("crh,csh->crs", qc, kc, preferred_element_type=jnp.float32)
     if cache_valid_1P is not None:
       s_cache = jnp.where(cache_valid_1P[0][None, :], s_cache, -jnp.inf)
-    m = jnp.maximum(s_cache.max(-1, keepdims=True), s_own.max(-1, keepdims=True))
-    p_cache, p_own = jnp.exp(s_cache - m), jnp.exp(s_own - m)
-    denom = p_cache.sum(-1) + p_own.sum(-1)  # [T * G]
+    m = jnp.maximum(s_cache.max(-1, keepdims=True),
+                    s_own.max(-1).reshape(t * g, 1))
+    p_cache, p_own = jnp.exp(s_cache - m), jnp.exp(s_own - m.reshape(c, -1, 1))
+    denom = p_cache.sum(-1) + p_own.sum(-1).reshape(t * g)  # [T * G]
+    own = jnp.einsum("crs,csh->crh", p_own.astype(v_1TKH.dtype),
+                     v_1TKH[0, :, j].reshape(c, -1, h), preferred_element_type=jnp.float32)
     out = (jnp.einsum("rp,hp->rh", p_cache.astype(cv.dtype), cv,
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("rs,sh->rh", p_own.astype(v_1TKH.dtype), v_1TKH[0, :, j],
-                        preferred_element_type=jnp.float32))
+                      preferred_element_type=jnp.float32) + own.reshape(t * g, h))
     outs.append((out / denom[:, None]).reshape(t, g, h))
   return jnp.concatenate(outs, axis=1)[None].astype(q_1TNH.dtype)
+
+
+def split_heads(ck_1KPH, cv_1KHP):
+  """A batch-1 layer cache as per-head tuples (`cached_attention` reads them in place)."""
+  return (tuple(ck_1KPH[:, j] for j in range(ck_1KPH.shape[1])),
+          tuple(cv_1KHP[:, j] for j in range(cv_1KHP.shape[1])))
 
 
 SPLASH = ("splash", "splash_interpret")
@@ -432,13 +455,13 @@ class Attention(nnx.Module):
     self.implementation = implementation
     self.head_axes = (q, kv)
 
-  def __call__(self, x_BTD, mask=None, rope=None, prefix_kv=None):
+  def __call__(self, x_BTD, mask=None, rope=None, prefix_kv=None, groups: int = 1):
     """-> (out [B, T, D], (k, v) [B, T, K, H] of x's own positions, post-RoPE).
 
     mask: None, key padding [B, S] or [B, T, S] (`dot_product_attention`); with
       prefix_kv, the cached keys' validity [B, P] (own keys are always visible).
     prefix_kv: cached k [B, K, P, H], v [B, K, H, P] of other positions
-      (`cached_attention`).
+      (`cached_attention`, as are groups).
     """
     q, k, v = self.q(x_BTD), self.k(x_BTD), self.v(x_BTD)
     q = constrain(q, ("batch", "length", self.head_axes[0], None))
@@ -447,10 +470,12 @@ class Attention(nnx.Module):
     if rope is not None:
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     if prefix_kv is None:
+      if groups != 1:
+        raise ValueError("query groups need a prefix cache (cached_attention)")
       out = dot_product_attention(q, k, v, mask, self.implementation)
     else:
       out = cached_attention(q, k, v, prefix_kv[0], prefix_kv[1], mask,
-                             per_head=self.implementation == "xla_cpu")
+                             per_head=self.implementation == "xla_cpu", groups=groups)
     return self.o(out), (k, v)
 
 

@@ -90,9 +90,9 @@ class Block(nnx.Module):
     self.mlp_norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, "embed", **kw)
     self.mlp = layers.GatedMLP(cfg.d_model, cfg.mlp_dim, dtype=dtype, **kw)
 
-  def __call__(self, x_BTD, mask, rope, collect_kv=False, prefix_kv=None):
+  def __call__(self, x_BTD, mask, rope, collect_kv=False, groups=1, prefix_kv=None):
     x_BTD = constrain(x_BTD, ("batch", "length", None))
-    h, kv = self.attn(self.attn_norm(x_BTD), mask, rope, prefix_kv)
+    h, kv = self.attn(self.attn_norm(x_BTD), mask, rope, prefix_kv, groups)
     x_BTD = x_BTD + h
     return x_BTD + self.mlp(self.mlp_norm(x_BTD)), (kv if collect_kv else None)
 
@@ -188,7 +188,7 @@ class DiffusionLM(nnx.Module):
     return layers.rope_angles(positions, self.cfg.head_dim, self.cfg.rope_theta)
 
   def hidden_with_cache(self, x_BTD, cache: KVCache, start_B=None, collect_kv=False,
-                        rope=None):
+                        rope=None, groups: int = 1):
     """Canvas embeddings -> hidden [B, T, D], attending to the cache and to themselves.
 
     x_BTD: the canvas positions start..start+T-1 (start_B [B], default 0), i.e.
@@ -198,17 +198,20 @@ class DiffusionLM(nnx.Module):
     dual cache (SPEC §14) passes a block over prefix + canvas keys, its own
     window marked invalid. collect_kv: also return their (k, v) in the cache's
     layout (`KVCache.extend` appends them). rope: these positions' (cos, sin)
-    [B, T, H/2] (`canvas_rope`), else computed here.
+    [B, T, H/2] (`canvas_rope`), else computed here. groups: x holds that many
+    canvases of T / groups positions side by side, each over the same cache and
+    positions, none seeing another (the fixed decoder's lookahead).
     """
     b, t, _ = x_BTD.shape
     start = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
-    positions = (cache.length + start)[:, None] + jnp.arange(t)[None, :]
+    offsets = jnp.tile(jnp.arange(t // groups), groups)
+    positions = (cache.length + start)[:, None] + offsets[None, :]
     h, kv = self._blocks(x_BTD, positions, cache.valid, collect_kv,
-                         prefix_kv=cache.layers(), rope=rope)
+                         prefix_kv=cache.layers(), rope=rope, groups=groups)
     return (self.final_norm(h), cache_layout(kv)) if collect_kv else self.final_norm(h)
 
   def _blocks(self, x_BTD, positions_BT, mask, collect_kv=False, prefix_kv=None,
-              rope=None):
+              rope=None, groups=1):
     """mask: None, key padding [B, S] or [B, T, S] (`layers.dot_product_attention`);
     with prefix_kv, the cached keys' validity [B, P] (`layers.cached_attention`)."""
     b, t, _ = x_BTD.shape
@@ -218,7 +221,7 @@ class DiffusionLM(nnx.Module):
       rope = layers.rope_angles(positions_BT, self.cfg.head_dim, self.cfg.rope_theta)
     x_BTD = constrain(x_BTD.astype(self.dtype), ("batch", "length", None))
     return layers.scan_layers(self.blocks, x_BTD, mask, rope,
-                              collect_kv, xs=prefix_kv, remat=self.cfg.remat)
+                              collect_kv, groups, xs=prefix_kv, remat=self.cfg.remat)
 
   def logits_from_hidden(self, h_BTD):
     return self.head(h_BTD)

@@ -275,13 +275,19 @@ def _settings(req: schema.ChatRequest, defaults: engine_lib.Settings,
   if cache not in generate.CACHES:
     raise ClientError(400, f"cache={cache!r}: expected one of {', '.join(generate.CACHES)}",
                       param="cache")
+  decoder = req.decoder or d.decoder
+  lookahead = req.lookahead
+  if lookahead is None:  # the server's, where it applies (it never changes the tokens)
+    lookahead = d.lookahead if decoder == "fixed" and cache == "prefix" else 0
+  if lookahead and cache != "prefix":
+    raise ClientError(400, f"lookahead needs cache='prefix', got {cache!r}", param="lookahead")
   try:
     cfg = dataclasses.replace(
         d, gen_length=length, block_length=block, steps=steps,
         schedule=req.schedule or d.schedule, alpha=req.alpha or d.alpha,
         temperature=d.temperature if req.temperature is None else req.temperature,
-        decoder=req.decoder or d.decoder, threshold=req.threshold or d.threshold,
-        factor=req.factor or d.factor)
+        decoder=decoder, threshold=req.threshold or d.threshold,
+        factor=req.factor or d.factor, lookahead=lookahead)
   except ValueError as e:
     raise ClientError(400, f"diffusion settings: {e}") from None
   return engine_lib.Settings(cfg, cache)

@@ -3,7 +3,7 @@
 Unknown top-level fields are ignored, as OpenAI-compatible servers do (clients
 send `user`, `top_p`, ...); the diffusion settings are extra body fields
 (vLLM's `extra_body` convention): steps, block_length, schedule, alpha, decoder,
-threshold, factor, cache, draft.
+threshold, factor, lookahead, cache, draft.
 """
 from __future__ import annotations
 
@@ -54,6 +54,7 @@ class ChatRequest(BaseModel):
   decoder: str | None = None
   threshold: float | None = Field(None, gt=0, le=1)
   factor: float | None = Field(None, gt=0)
+  lookahead: int | None = Field(None, ge=0, le=8)
   cache: str | None = None
   draft: str | None = None
 
