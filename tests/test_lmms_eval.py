@@ -111,8 +111,12 @@ def test_llada_v_kwargs_and_errors():
     settings.resolve({"gen_length": 100, "block_length": 48}, settings.Decoding(), 7)
   with pytest.raises(ValueError, match="unknown cache 'full'"):
     settings.resolve({"cache": "full"}, settings.Decoding(), 7)
-  d = settings.decoding_from_args({"steps": "8", "threshold": "0.7", "block_length": "None"})
-  assert d.steps == 8 and d.threshold == 0.7 and d.block_length is None
+  d = settings.decoding_from_args({"steps": "8", "threshold": "0.7", "block_length": "None",
+                                   "lookahead": "2"})
+  assert d.steps == 8 and d.threshold == 0.7 and d.block_length is None and d.lookahead == 2
+  assert settings.resolve({"gen_length": 8}, d, 7)[0].lookahead == 2
+  with pytest.raises(ValueError, match="lookahead needs the fixed decoder"):
+    settings.resolve({"decoder": "threshold"}, d, 7)
   assert settings.cut_at("red. \n\nQ: next", ["\n\n"]) == "red. "
 
 

@@ -149,6 +149,8 @@ def test_diffusion_settings_as_extra_body(served, client):
   ref = _reference(served, "a red square", gen_length=32, steps=8, block_length=8)
   got = _ask(client, "a red square", max_tokens=32, extra_body={"steps": 8})
   assert got.choices[0].message.content == ref.text
+  got = _ask(client, "a red square", max_tokens=32, extra_body={"steps": 8, "lookahead": 2})
+  assert got.choices[0].message.content == ref.text and got.usage.nfe <= ref.nfe
 
 
 def test_stream_prints_the_answer_and_the_canvas_fills(served, client):
@@ -213,6 +215,9 @@ def _image_msg(url):
     ({**_msg("hi"), "steps": 7}, None, 400, "steps"),
     ({**_msg("hi"), "decoder": "fast"}, None, 400, "decoder"),
     ({**_msg("hi"), "cache": "big"}, None, 400, "cache"),
+    ({**_msg("hi"), "lookahead": 1, "cache": "dual"}, None, 400, "lookahead needs cache='prefix'"),
+    ({**_msg("hi"), "lookahead": 1, "decoder": "threshold"}, None, 400,
+     "lookahead needs the fixed decoder"),
     ({**_msg("hi " * 1000)}, None, 400, "context cap of 1000"),
     ({**_msg("hi " * 5000)}, None, 400, "model's context of 4096"),
     (_image_msg("data:image/png;base64,%%%"), None, 400, "not valid base64"),
