@@ -1,7 +1,7 @@
 """Speed/quality frontier of the decoders x caches on a trained checkpoint (issue 12).
 
 For each decoder (fixed at 3 step counts, threshold at 4 thresholds, factor) and each
-cache (prefix, dual): held-out caption exact match and CIDEr, one-word exact match,
+cache (prefix, dual), and the fixed decoder with each --lookahead over the prefix cache: held-out caption exact match and CIDEr, one-word exact match,
 NFE per answer (the prefill included), tokens per forward (canvas positions decided
 per denoising pass), latency per answer at batch 1 (the whole call, and its denoising
 program alone) and answers/s at batch 16.
@@ -78,6 +78,7 @@ def latency(gen, pairs, n: int) -> tuple[float, float]:
 def point(model, tokenizer, system_prompt, base: SamplerConfig, cache: str, fields: dict,
           captions, questions, args) -> dict:
   cfg = dataclasses.replace(base, **fields)
+  fields = dict(fields, lookahead=cfg.lookahead)
   gen = generate.Generator(model, tokenizer, cfg, cache, system_prompt)
   res, wall = run_batched(gen, captions, args.batch_size)
   preds, refs = [r.text for r in res], [ref for _, ref in captions]
@@ -106,7 +107,8 @@ def table(rows) -> str:
   base = next(r for r in rows if r["label"] == rows[0]["label"] and r["cache"] == "prefix")
   lines = [head]
   for r in rows:
-    lines.append(f"| {r['label']} | {r['cache']} | {r['caption_exact']:.3f} | {r['cider']:.3f} "
+    la = f", lookahead {r['lookahead']}" if r.get("lookahead") else ""
+    lines.append(f"| {r['label']}{la} | {r['cache']} | {r['caption_exact']:.3f} | {r['cider']:.3f} "
                  f"| {r['one_word_exact']:.3f} | {r['nfe']:.1f} | {r['tokens_per_forward']:.2f} "
                  f"| {r['latency_s'] * 1e3:.1f} ms | {base['latency_s'] / r['latency_s']:.2f}x "
                  f"| {r['denoise_s'] * 1e3:.2f} ms | {base['denoise_s'] / r['denoise_s']:.2f}x "
@@ -114,9 +116,10 @@ def table(rows) -> str:
   return "\n".join(lines)
 
 
-def _short(label: str) -> str:
-  kind, value = label.split()
-  return {"fixed": f"K={value}", "threshold": f"τ={value}", "factor": f"f={value}"}[kind]
+def _short(r) -> str:
+  kind, value = r["label"].split()
+  la = f"+{r['lookahead']}" if r.get("lookahead") else ""
+  return {"fixed": f"K={value}{la}", "threshold": f"τ={value}", "factor": f"f={value}"}[kind]
 
 
 def plot(rows, path: str, title: str):
@@ -132,9 +135,10 @@ def plot(rows, path: str, title: str):
                            ("whole call", "denoising program alone")):
     for i, r in enumerate(rows):
       kind = r["label"].split()[0]
+      marker = "s" if r.get("lookahead") else "o" if r["cache"] == "prefix" else "^"
       ax.scatter(r[key] * 1e3, r["caption_exact"], c=colours[kind], s=55, alpha=0.85,
-                 marker="o" if r["cache"] == "prefix" else "^")
-      ax.annotate(f"{_short(r['label'])}", (r[key] * 1e3, r["caption_exact"]), fontsize=7,
+                 marker=marker)
+      ax.annotate(_short(r), (r[key] * 1e3, r["caption_exact"]), fontsize=7,
                   rotation=60, xytext=(2, 4 + 7 * (i % 2)), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel(f"ms per answer at batch 1, {name} (log)")
@@ -144,8 +148,10 @@ def plot(rows, path: str, title: str):
   handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=k) for k, c in colours.items()]
   handles += [plt.Line2D([], [], color="grey", marker=m, ls="", label=f"{c} cache")
               for c, m in (("prefix", "o"), ("dual", "^"))]
+  handles.append(plt.Line2D([], [], color="grey", marker="s", ls="",
+                            label="prefix cache + lookahead (K=..+J)"))
   axes[1].legend(handles=handles, loc="lower right", fontsize=8)
-  fig.suptitle(title + " (K steps, threshold τ, factor f)", fontsize=10)
+  fig.suptitle(title + " (K steps, threshold τ, factor f, lookahead J)", fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -166,6 +172,8 @@ def main():
   ap.add_argument("--num_questions", type=int, default=200)
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--latency_n", type=int, default=50)
+  ap.add_argument("--lookahead", default="0,2",
+                  help="the fixed decoder's lookaheads (> 0: prefix cache only)")
   ap.add_argument("--out", default="benchmarks/results")
   ap.add_argument("--replot", action="store_true", help="only redraw OUT's plot from its JSON")
   args = ap.parse_args()
@@ -193,12 +201,16 @@ def main():
   print(f"backend={jax.default_backend()} checkpoint={checkpoint} captions={len(captions)} "
         f"questions={len(questions)} L={args.gen_length} block={args.block_length}", flush=True)
   rows = []
-  for label, fields in decoders(args.gen_length):
-    for cache in CACHES:
-      r = dict(label=label, **point(model, tokenizer, system_prompt, base, cache, fields,
-                                    captions, questions, args))
-      rows.append(r)
-      print(json.dumps(r), flush=True)
+  points = [(label, fields, cache) for label, fields in decoders(args.gen_length)
+            for cache in CACHES]
+  points += [(label, dict(fields, lookahead=j), "prefix")
+             for label, fields in decoders(args.gen_length) if fields["decoder"] == "fixed"
+             for j in (int(v) for v in args.lookahead.split(",")) if j]
+  for label, fields, cache in points:
+    r = dict(label=label, **point(model, tokenizer, system_prompt, base, cache, fields,
+                                  captions, questions, args))
+    rows.append(r)
+    print(json.dumps(r), flush=True)
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "decode_frontier.json"), "w") as f:
     json.dump(dict(args=vars(args), rows=rows), f, indent=1)

@@ -5,7 +5,9 @@ Random bf16 weights at the released sizes (SigLIP-so400m, LLaDA-8B), an anyres
 the prompt is ~1,100 tokens. For L = 32 (one block) and L = 256 (blocks of 32), batch
 1 and 8, and each cache (none / prefix / dual), the fixed decoder's sampler is timed
 alone (the prompt's prefill is timed apart): time per denoising step = sampler time
-÷ steps. The floor of a step is max(LM weight bytes ÷ HBM bandwidth, FLOPs ÷ peak):
+÷ steps (with --lookahead, the fixed decoder's lookahead over the prefix cache: time
+per pass, S = 1 + lookahead canvases a pass, and the 32 or 64 steps in fewer passes).
+The floor of a step is max(LM weight bytes ÷ HBM bandwidth, FLOPs ÷ peak):
 a decoding step reads every LM weight once. One warm-up (compilation) call, then
 --runs timed calls; medians.
 
@@ -56,6 +58,8 @@ def main():
   ap.add_argument("--unroll", default="off", choices=("off", "on", "both"),
                   help="Generator(unroll_layers=...): layers unrolled on per-layer weights")
   ap.add_argument("--only", default="", help="comma list of L=...:B=... to run, e.g. 32:1,256:8")
+  ap.add_argument("--lookahead", default="0",
+                  help="comma list: the prefix cache also with these lookaheads (e.g. 0,1,3)")
   ap.add_argument("--size", default="full", choices=("full", "tiny"),
                   help="tiny: a smoke test of this script on the CPU")
   args = ap.parse_args()
@@ -86,13 +90,16 @@ def main():
   if args.quick:
     settings, batches = settings[:1], (1,)
   unrolls = {"off": (False,), "on": (True,), "both": (False, True)}[args.unroll]
-  for unroll, (L, lb, steps), batch, cache in itertools.product(
-      unrolls, settings, batches, ("none", "prefix", "dual")):
+  caches = [("none", 0), ("prefix", 0), ("dual", 0)]
+  caches += [("prefix", int(j)) for j in args.lookahead.split(",") if int(j)]
+  for unroll, (L, lb, steps), batch, (cache, ahead) in itertools.product(
+      unrolls, settings, batches, caches):
     if cache == "none" and L == 256 and batch == 8:
       continue  # 8 x ~1,400 tokens x 64 steps: minutes, and no news
     if args.only and f"{L}:{batch}" not in args.only.split(","):
       continue
-    scfg = SamplerConfig(gen_length=L, block_length=lb, steps=steps, mask_id=cfg.lm.mask_id)
+    scfg = SamplerConfig(gen_length=L, block_length=lb, steps=steps, mask_id=cfg.lm.mask_id,
+                         lookahead=ahead)
     gen = generate.Generator(model, tok, scfg, cache=cache, unroll_layers=unroll)
     prompts = [generate.prompt_ids(model, tok, req)] * batch
     ids, images = prompts[0]
@@ -124,14 +131,15 @@ def main():
     per_step = total / nfe
     if cache == "none":
       flops = step_flops(cfg, batch, p + L, p + L, lb)
-    elif cache == "prefix":
-      flops = step_flops(cfg, batch, L, p + L, lb)
+    elif cache == "prefix":  # S canvases a pass
+      flops = step_flops(cfg, batch * (ahead + 1), L, p + L, lb)
     else:  # one refresh (the whole canvas) and steps - 1 window steps per block
       spb = steps // (L // lb)
       flops = (step_flops(cfg, batch, L, p + L, lb)
                + (spb - 1) * step_flops(cfg, batch, lb, p + L, lb)) / spb
     floor = max(floor_bw, flops / BF16_PEAK[args.gpu])
-    row = dict(L=L, block=lb, steps=steps, batch=batch, cache=cache, unroll=unroll,
+    row = dict(L=L, block=lb, steps=steps, batch=batch, cache=cache, lookahead=ahead,
+               unroll=unroll,
                prompt=n, bucket=p,
                nfe=nfe, sample_s=round(total, 4), ms_per_step=round(per_step * 1e3, 3),
                prefill_ms=round(statistics.median(pre) * 1e3, 2) if pre else None,
@@ -145,13 +153,15 @@ def main():
       with open(args.json, "w") as f:
         json.dump(dict(device=jax.devices()[0].device_kind, lm_bytes=lm_bytes,
                        read_bytes=read_bytes, rows=rows), f, indent=1)
-  print(f"\n{'unroll':>6} {'L':>4} {'B':>2} {'cache':>6} {'nfe':>4} {'ms/step':>8} {'floor':>7} "
+  print(f"\n{'unroll':>6} {'L':>4} {'B':>2} {'cache':>8} {'nfe':>4} {'ms/step':>8} {'floor':>7} "
         f"{'x floor':>7} {'TFLOP/s':>7} {'sample s':>8} {'speedup':>7}")
   for r in rows:
     base = next((b for b in rows if (b["L"], b["batch"], b["cache"], b["unroll"]) ==
                  (r["L"], r["batch"], "none", r["unroll"])), None)
+    cache = r["cache"] + (f"+{r['lookahead']}" if r.get("lookahead") else "")
     speed = f"{base['sample_s'] / r['sample_s']:.2f}x" if base else "-"
-    print(f"{str(r['unroll']):>6} {r['L']:>4} {r['batch']:>2} {r['cache']:>6} {r['nfe']:>4} {r['ms_per_step']:>8.2f} "
+    print(f"{str(r['unroll']):>6} {r['L']:>4} {r['batch']:>2} {cache:>8} {r['nfe']:>4} "
+          f"{r['ms_per_step']:>8.2f} "
           f"{r['floor_ms']:>7.2f} {r['x_floor']:>7.2f} {r['tflops']:>7.1f} "
           f"{r['sample_s']:>8.3f} {speed:>7}")
 

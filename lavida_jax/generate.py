@@ -388,7 +388,11 @@ class Generator:
   products: the d512 bench's step 26.4 -> 24.4 ms, d1024's 1.6x faster with the
   canvas's rotary angles computed once). On CPUs the attention of the vision
   tower and of the prefill is `layers.xla_attention` (the same values; the d512
-  bench's vision 91 -> 63 ms).
+  bench's vision 91 -> 63 ms), and at batch 1 the prefix cache is split by head
+  once per call (`_with_rope`).
+
+  cfg.lookahead (fixed decoder, prefix cache only): the same tokens in fewer, wider
+  passes (`sampler` docstring, Lookahead); NFE then counts passes.
 
   on_step: `on_step(canvas [B, L], steps [B])`, numpy, called on the host after every
   denoising step (streaming; `sampler.sample`). It is compiled in: a Generator with

@@ -307,7 +307,7 @@ def _cached_attention_2d(q_1TNH, k_1TKH, v_1TKH, ck_1KPH, cv_1KHP, cache_valid_1
   contracted axis minor: XLA:CPU runs them without the transposes and copies it puts
   around the head-batched ones (8 layers of a d512 step's attention 10 -> 7.5 ms on
   2 cores); at batch > 1 the batched form is the faster one. A head's cache slice
-  is a copy on XLA:CPU (64 per d512 step, ~15% of its op time): a cache already
+  is a copy on XLA:CPU (64 per d512 step, ~12% of its op time): a cache already
   split by head (tuples) is read in place."""
   _, t, n, h = q_1TNH.shape
   kh = k_1TKH.shape[2]

@@ -103,7 +103,8 @@ class KVCache(NamedTuple):
   k: [layers, B, K, S, H], v: [layers, B, K, H, S]: the layouts that
   `layers.cached_attention` reads in place; with layers run unrolled
   (`layers.unstack_layers`) each is a tuple of per-layer arrays instead, so no
-  step slices a layer out of a stack. S = P, the prompt's positions
+  step slices a layer out of a stack (and at batch 1 on CPUs the Generator splits
+  each layer's by head: `layers.split_heads`). S = P, the prompt's positions
   (Prefix-DLM), or the prompt's followed by the canvas's (the dual cache,
   S = P + L); valid: [B, S] keys that may be attended (not padding); length: [B]
   real prompt tokens (the canvas starts at this position).
