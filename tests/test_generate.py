@@ -211,8 +211,8 @@ def test_lookahead_gives_the_same_answers_in_no_more_passes(loaded, tiny_tokeniz
                        cache="dual")
 
 
-def test_dual_cache_threshold_decoding_on_a_mesh_equals_one_device(reference_checkpoint,
-                                                                  tiny_tokenizer, loaded):
+def test_dual_cache_threshold_and_lookahead_on_a_mesh_equal_one_device(reference_checkpoint,
+                                                                       tiny_tokenizer, loaded):
   """Parameters sharded over 8 fake devices (data x fsdp x tensor = 2 x 2 x 2)."""
   import lavida_jax
   from lavida_jax import sharding
@@ -225,6 +225,12 @@ def test_dual_cache_threshold_decoding_on_a_mesh_equals_one_device(reference_che
   eight = generate.Generator(sharded, tiny_tokenizer, cfg, cache="dual")(REQS)
   assert [r.ids for r in one] == [r.ids for r in eight]
   assert [r.nfe for r in one] == [r.nfe for r in eight]
+  # and the fixed decoder's lookahead: canvases side by side, rows at their own pace
+  import dataclasses
+  cfg = dataclasses.replace(_cfg(model, block_length=8, steps=8), lookahead=2)
+  one = generate.Generator(model, tiny_tokenizer, cfg, cache="prefix")(REQS)
+  eight = generate.Generator(sharded, tiny_tokenizer, cfg, cache="prefix")(REQS)
+  assert [(r.ids, r.nfe) for r in one] == [(r.ids, r.nfe) for r in eight]
 
 
 def test_the_clis_take_the_decoder_and_cache_flags(reference_checkpoint, tiny_tokenizer,
@@ -267,4 +273,8 @@ def test_the_clis_take_the_decoder_and_cache_flags(reference_checkpoint, tiny_to
 
   out = run("lavida_jax.generate", f"--image={image}", "--prompt=hi", "--threshold=1.5")
   assert out.returncode != 0 and "threshold must be in (0, 1]" in out.stderr
+  assert "Traceback" not in out.stderr
+  out = run("lavida_jax.generate", f"--image={image}", "--prompt=hi", "--decoder=fixed",
+            "--lookahead=1")  # with the flags' --cache=dual
+  assert out.returncode != 0 and "lookahead needs cache='prefix', got 'dual'" in out.stderr
   assert "Traceback" not in out.stderr
