@@ -62,7 +62,8 @@ def _total(m) -> int:
           - m.alias_size_in_bytes)
 
 
-def worker(runtime: str, length: int, batch: int, quantize: str | None) -> dict:
+def worker(runtime: str, length: int, batch: int, quantize: str | None,
+           lookahead: int = 0) -> dict:
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -93,7 +94,7 @@ def worker(runtime: str, length: int, batch: int, quantize: str | None) -> dict:
                        state, shardings)
   model = nnx.merge(graphdef, state)
   scfg = sampler_lib.SamplerConfig(gen_length=length, block_length=length, steps=length,
-                                   mask_id=cfg.lm.mask_id)
+                                   mask_id=cfg.lm.mask_id, lookahead=lookahead)
   gen = generate.Generator(model, None, scfg, "prefix", unroll_layers=False)
   views, size = cfg.image.max_views, cfg.image.size
   batch_sh = NamedSharding(mesh, P())
@@ -104,6 +105,7 @@ def worker(runtime: str, length: int, batch: int, quantize: str | None) -> dict:
                 image_weight=arr((batch, PROMPT, 4), jnp.float32),
                 valid=arr((batch, PROMPT), jnp.bool_))
   out = dict(runtime=runtime, quantize=quantize or "bf16", L=length, B=batch,
+             lookahead=lookahead,
              devices=len(topo.devices), device_kind=topo.devices[0].device_kind,
              hbm=info["hbm_gib"] * GiB, params=per_device_bytes(gen.state),
              lm_params=per_device_bytes(gen.lm_state))
@@ -137,7 +139,7 @@ def worker(runtime: str, length: int, batch: int, quantize: str | None) -> dict:
   return out
 
 
-def run_worker(runtime, length, batch, quantize, libtpu, timeout) -> dict:
+def run_worker(runtime, length, batch, quantize, libtpu, timeout, lookahead=0) -> dict:
   env = dict(os.environ)
   env.pop("JAX_PLATFORMS", None)
   env["TPU_ACCELERATOR_TYPE"] = RUNTIMES[runtime]["accelerator"]
@@ -147,7 +149,8 @@ def run_worker(runtime, length, batch, quantize, libtpu, timeout) -> dict:
   if libtpu:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [libtpu, ROOT, env.get("PYTHONPATH")]))
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", f"--runtimes={runtime}",
-         f"--L={length}", f"--B={batch}"] + ([f"--quantize={quantize}"] if quantize else [])
+         f"--L={length}", f"--B={batch}", f"--lookahead={lookahead}"] + (
+             [f"--quantize={quantize}"] if quantize else [])
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
   except subprocess.TimeoutExpired:
@@ -197,9 +200,12 @@ def main():
   ap.add_argument("--L", type=int)
   ap.add_argument("--B", type=int)
   ap.add_argument("--quantize", default=None)
+  ap.add_argument("--lookahead", type=int, default=0,
+                  help="the sampler with the fixed decoder's lookahead (1 + this canvases)")
   args = ap.parse_args()
   if args.worker:
-    print("AOT_RESULT " + json.dumps(worker(args.runtimes, args.L, args.B, args.quantize)))
+    print("AOT_RESULT " + json.dumps(worker(args.runtimes, args.L, args.B, args.quantize,
+                                            args.lookahead)))
     return
   rows = []
   for group in args.plan.split(";"):
@@ -207,7 +213,7 @@ def main():
     for case in cases.split(","):
       length, batch = (int(v) for v in case.split("x"))
       row = run_worker(runtime, length, batch, None if weights == "bf16" else weights,
-                       args.libtpu, args.timeout)
+                       args.libtpu, args.timeout, args.lookahead)
       print(json.dumps(row), flush=True)
       rows.append(row)
   with open(args.out, "w") as f:
