@@ -1,10 +1,11 @@
 """Speed/quality frontier of the decoders x caches on a trained checkpoint (issue 12).
 
 For each decoder (fixed at 3 step counts, threshold at 4 thresholds, factor) and each
-cache (prefix, dual), and the fixed decoder with each --lookahead over the prefix cache: held-out caption exact match and CIDEr, one-word exact match,
-NFE per answer (the prefill included), tokens per forward (canvas positions decided
-per denoising pass), latency per answer at batch 1 (the whole call, and its denoising
-program alone) and answers/s at batch 16.
+cache (prefix, dual), and for the fixed decoder with each --lookahead over the prefix
+cache: held-out caption exact match and CIDEr, one-word exact match, NFE per answer
+(the prefill included), tokens per forward (canvas positions decided per denoising
+pass), latency per answer at batch 1 (the whole call, and its denoising program alone)
+and answers/s at batch 16.
 
 Quality is measured once, at batch 16: a row's tokens never depend on its batch-mates
 (tests/test_decoders.py, tests/test_generate.py), so batch 1 gives the same answers.
@@ -172,7 +173,7 @@ def main():
   ap.add_argument("--num_questions", type=int, default=200)
   ap.add_argument("--batch_size", type=int, default=16)
   ap.add_argument("--latency_n", type=int, default=50)
-  ap.add_argument("--lookahead", default="0,2",
+  ap.add_argument("--lookahead", default="1,2",
                   help="the fixed decoder's lookaheads (> 0: prefix cache only)")
   ap.add_argument("--out", default="benchmarks/results")
   ap.add_argument("--replot", action="store_true", help="only redraw OUT's plot from its JSON")

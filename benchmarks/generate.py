@@ -12,6 +12,8 @@ Both sides, with the prefix KV cache (and with --no_cache also without it):
   - LaViDa's loop restated in PyTorch (`torch_sampler.py`), the same weights,
     the same transfer counts, in a subprocess so the two runtimes' thread pools
     never compete; --rounds alternates the two sides.
+Ours also with each --lookahead (the fixed decoder's exact speculation: the same
+tokens in fewer passes; "ms/pass" and the JSON's per_step_ms are then per pass).
 Timed per side: vision (+ projector + anyres layout), prefill, the denoising
 steps, and their sum ("total"); host image preprocessing (decode, anyres crops)
 and tokenising are outside every figure. Medians over --runs calls per round
@@ -196,7 +198,7 @@ def compare(args, model, tok):
           ours[j].append(time_ours(model, tok, req, dataclasses.replace(cfg, lookahead=j),
                                    cache, args.runs, False if args.scanned else None))
       keys = ("vision_s", "prefill_s", "steps_s", "total_s", "per_step_ms")
-      sides = [(f"lavida-jax" + (f" lookahead {j}" if j else ""), rs)
+      sides = [("lavida-jax" + (f" lookahead {j}" if j else ""), rs)
                for j, rs in ours.items() if rs] + [("LaViDa PyTorch", theirs)]
       for side, rs in sides:
         row = {k: statistics.median(r[k] for r in rs) for k in keys}
