@@ -2,6 +2,10 @@
 tokens, history and per-row independence as the plain fixed decoder, in fewer
 passes; on the coupled toy of test_sampler (a commit changes every logit, so
 guesses fail) and the table toy (logits never change, so every guess holds)."""
+import functools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +94,36 @@ def test_lookahead_errors_name_the_problem():
   plain = smp.full_canvas_denoiser(coupled_jax, 8)
   with pytest.raises(ValueError, match=r"lookahead needs a Denoiser .*\[B, S, L\]"):
     run(plain, ragged(), cfg_of(lookahead=1))
+
+
+FUZZ_CONFIGS = [dict(steps=8, lookahead=1), dict(steps=16, block_length=16, lookahead=3),
+                dict(steps=4, schedule="linear", lookahead=2),
+                dict(steps=8, temperature=0.7, lookahead=2)]
+
+
+@functools.lru_cache(maxsize=None)
+def _sampler(i: int, lookahead: bool):
+  kw = dict(FUZZ_CONFIGS[i])
+  if not lookahead:
+    kw.pop("lookahead")
+  cfg = cfg_of(**kw)
+  return cfg, smp.make_sampler(with_canvases(coupled_jax, cfg.block_length), cfg,
+                               return_steps=True)
+
+
+@settings(max_examples=24, derandomize=True, database=None, deadline=None)
+@given(st.integers(0, len(FUZZ_CONFIGS) - 1), st.integers(0, 2**31 - 1),
+       st.floats(0.0, 1.0), st.integers(0, 2**31 - 1))
+def test_fuzz_lookahead_equals_the_fixed_decoder(i, seed, masked, key):
+  """Random drafts (each position a mask with probability `masked`), keys and configs:
+  the lookahead's canvas is the fixed decoder's, in no more passes than live steps."""
+  cfg, plain = _sampler(i, False)
+  _, ahead = _sampler(i, True)
+  r = np.random.default_rng(seed)
+  canvas0 = r.integers(0, MASK, (3, 16))
+  canvas0[r.random((3, 16)) < masked] = MASK
+  counts = smp.transfer_schedule(canvas0, cfg)
+  want, _ = plain(canvas0, counts, jax.random.key(key))
+  got, passes = ahead(canvas0, counts, jax.random.key(key))
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  assert (np.asarray(passes) <= (counts > 0).reshape(3, -1).sum(-1)).all()
