@@ -223,8 +223,8 @@ def _denoise_full(canvas, start, _, lm_state, prefix_x, prefix_valid, *, lm_grap
   return lm.logits_from_hidden(sampler_lib.block_slice(h, start, lb))
 
 
-def _with_rope(canvas0, lm_state, cache, first, *, lm_graphdef, split_heads=False):
-  """The cached denoisers' `setup`: the canvas's rotary angles, once per call (else
+def _loop_invariants(canvas0, lm_state, cache, first, *, lm_graphdef, split_heads=False):
+  """The cached denoisers' `setup`, once per call: the canvas's rotary angles (else
   each step recomputes them in every layer's q and k: ~5% of a d512 step on CPUs).
   split_heads (XLA:CPU, per-layer caches): at batch 1 the cache split by head, so
   no step copies a head out of it (`layers.split_heads`)."""
@@ -289,11 +289,11 @@ def denoiser(cache_mode: str, lm_graphdef, shifted: bool, block_length: int,
              split_heads: bool = False):
   """The sampler's `Denoiser` for a cache mode (operands: lm_state, then the
   prompt's (x, valid) for "none" or its (KV cache, first logits) otherwise).
-  split_heads: the prefix cache split by head at batch 1 (`_with_rope`)."""
+  split_heads: the prefix cache split by head at batch 1 (`_loop_invariants`)."""
   kw = dict(lm_graphdef=lm_graphdef, shifted=shifted, lb=block_length)
   if cache_mode == "none":
     return sampler_lib.Denoiser(functools.partial(_denoise_full, **kw))
-  setup = functools.partial(_with_rope, lm_graphdef=lm_graphdef)
+  setup = functools.partial(_loop_invariants, lm_graphdef=lm_graphdef)
   if cache_mode == "prefix":
     return sampler_lib.Denoiser(functools.partial(_denoise_prefix, **kw),
                                 setup=functools.partial(setup, split_heads=split_heads),
@@ -389,7 +389,7 @@ class Generator:
   canvas's rotary angles computed once). On CPUs the attention of the vision
   tower and of the prefill is `layers.xla_attention` (the same values; the d512
   bench's vision 91 -> 63 ms), and at batch 1 the prefix cache is split by head
-  once per call (`_with_rope`).
+  once per call (`_loop_invariants`).
 
   cfg.lookahead (fixed decoder, prefix cache only): the same tokens in fewer, wider
   passes (`sampler` docstring, Lookahead); NFE then counts passes.

@@ -261,6 +261,31 @@ def test_generator_uses_xla_cpu_attention_and_leaves_the_model(loaded):
   assert_close(kv.layers()[0][0], kv0.layers()[0][0], rel=1e-5)
 
 
+def test_generator_splits_the_batch_one_prefix_cache_by_head(loaded, tiny_tokenizer):
+  """On the CPU the prefix denoiser's setup hands the steps a cache split by head at
+  batch 1 (no head slice copied per step) and the unsplit one at batch 2; its logits
+  are the unsplit cache's."""
+  from tests.test_generate import REQS, _cfg
+  _, model = loaded("lavida-llada")
+  gen = generate.Generator(model, tiny_tokenizer, _cfg(model), cache="prefix")
+  den = generate.denoiser("prefix", gen.lm_graphdef, False, 4, split_heads=True)
+  prompts = [generate.prompt_ids(model, tiny_tokenizer, r) for r in REQS[:2]]
+  x, valid = generate.embed_prompts(model, prompts, 1024)
+  cache, first = gen._prefill(gen.lm_state, x, valid)
+  heads = model.cfg.lm.n_kv_heads
+  canvas = jnp.full((2, 8), model.cfg.lm.mask_id, jnp.int32)
+  start = jnp.zeros((2,), jnp.int32)
+  for b in (1, 2):
+    one = jax.tree.map(lambda a, b=b: a[:b], (cache, first))
+    ops = den.setup(canvas[:b], gen.lm_state, *one)
+    split = isinstance(ops[1].k[0], tuple)
+    assert split == (b == 1) and (not split or len(ops[1].k[0]) == heads)
+    plain = generate.denoiser("prefix", gen.lm_graphdef, False, 4).setup(
+        canvas[:b], gen.lm_state, *one)
+    assert_close(den.logits(canvas[:b], start[:b], None, *ops),
+                 den.logits(canvas[:b], start[:b], None, *plain), rel=1e-6)
+
+
 def test_generators_of_one_model_share_one_inference_copy(loaded, tiny_tokenizer):
   """A server's or harness's Generators (one per setting) and the likelihood scorer
   hold one copy of the weights, not one each; new weights get a new copy, which

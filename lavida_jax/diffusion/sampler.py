@@ -454,7 +454,8 @@ def sample(denoise_fn, canvas0: jax.Array, counts: jax.Array, rng: jax.Array,
     return_steps: also return steps [B] int32, the denoising steps each row
       took (its forward passes; a refresh pass counts as one).
     on_step: a host function `on_step(canvas [B, L], steps [B])` called after
-      every denoising step (`jax.debug.callback`; streaming), steps as above.
+      every denoising step, with `lookahead` after every pass (`jax.debug.callback`;
+      streaming), steps as above.
 
   Returns:
     canvas [B, L] int32, then history [S, B, L] if asked (fixed: S =
